@@ -1,0 +1,58 @@
+"""The `fleetserve` command. Each subcommand lives in its own package's `cli.py`, which
+exposes `register(subparsers)`; this file only wires them together."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> module that registers it. Imported lazily so `fleetserve bench` never
+# pays for importing torch.
+SUBCOMMANDS = {
+    "serve": "fleetserve.server.cli",
+    "gateway": "fleetserve.gateway.cli",
+    "bench": "fleetserve.bench.cli",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetserve",
+        description="Serve AI models to many users at once: one replica, a gateway over many, "
+        "and the tools to measure them.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = [a for a in argv if a in SUBCOMMANDS][:1] or list(SUBCOMMANDS)
+    for name, module in SUBCOMMANDS.items():
+        if name in wanted:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=_HELP[name])
+    return parser
+
+
+_HELP = {
+    "serve": "serve a model over an OpenAI-compatible HTTP API",
+    "gateway": "front several replicas with routing, failover and admission control",
+    "bench": "load-test an OpenAI-compatible endpoint and report latency and throughput",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One model on one device: scheduler, KV-cache manager, model runner, sampler."""

@@ -1,0 +1,120 @@
+"""The contract between the model runner, the model and an attention backend.
+
+One step runs one forward over a *flattened* batch: the new tokens of every scheduled
+sequence, decodes first (one token each, in order), then prefill chunks. Sequence ``i`` owns
+query rows ``query_start_loc[i]:query_start_loc[i+1]`` and, after this step, has
+``seq_lens[i]`` tokens of K/V in the blocks of ``block_tables[i]``.
+
+KV cache of one layer: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``; slot ``s``
+is block ``s // block_size``, offset ``s % block_size``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqSpec:
+    """One sequence of a step, as the runner describes it."""
+
+    num_computed_tokens: int  # tokens already in the cache before this step
+    num_new_tokens: int  # query length this step
+    block_ids: list[int]
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (num_tokens,) int64: cache slot of each new token's K/V
+    query_start_loc: list[int]  # (num_seqs + 1,) cumulative query lengths
+    seq_lens: list[int]  # (num_seqs,) K/V length after this step
+    block_tables: torch.Tensor  # (num_seqs, max_blocks) int64, padded with block 0
+    num_decodes: int  # sequences [0, num_decodes) have query length 1
+    seq_lens_tensor: torch.Tensor  # (num_seqs,) int64, on the device
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+@dataclass
+class ForwardContext:
+    """Everything a model's forward needs besides the tokens: passed down explicitly, never
+    stored in a global."""
+
+    attn_metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # one per layer
+    backend: AttentionBackend
+
+
+def build_attention_metadata(
+    seqs: list[SeqSpec], block_size: int, device: torch.device | str = "cpu"
+) -> AttentionMetadata:
+    """Metadata for sequences given decodes first. Raises if a decode follows a prefill."""
+    query_start_loc = [0]
+    seq_lens = []
+    slots: list[int] = []
+    num_decodes = 0
+    for i, s in enumerate(seqs):
+        if s.num_new_tokens == 1 and s.num_computed_tokens > 0:
+            assert num_decodes == i, "decodes must come before prefills"
+            num_decodes += 1
+        end = s.num_computed_tokens + s.num_new_tokens
+        assert len(s.block_ids) * block_size >= end, "block table too short"
+        for pos in range(s.num_computed_tokens, end):
+            slots.append(s.block_ids[pos // block_size] * block_size + pos % block_size)
+        query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
+        seq_lens.append(end)
+    max_blocks = max((len(s.block_ids) for s in seqs), default=0)
+    table = torch.zeros((len(seqs), max_blocks), dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=table.to(device),
+        num_decodes=num_decodes,
+        seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int64, device=device),
+        block_size=block_size,
+    )
+
+
+class AttentionBackend(ABC):
+    """Computes attention for one layer and writes the step's K/V into the cache.
+
+    Contract: all new K/V of the step are written before any query reads the cache, so a
+    sequence may read blocks that another sequence of the same step fills (prefix sharing).
+    """
+
+    name: str
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # (num_tokens, num_heads, head_dim)
+        k: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
+        v: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
+        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
+        ...
+
+
+_BACKENDS: dict[str, type[AttentionBackend]] = {}
+
+
+def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]()

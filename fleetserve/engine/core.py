@@ -1,0 +1,194 @@
+"""The engine core: one model on one device, stepping a continuous batch.
+
+    outputs = core.step()  # schedule -> run the model -> sample -> update
+
+Token ids in, token ids out; tokenization and stop strings live in the front end
+(`OutputProcessor`). Runs in-process for the offline `LLM` and in its own process behind
+the API server (`core_proc`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fleetserve.engine import device as devices
+from fleetserve.engine.config import EngineConfig
+from fleetserve.engine.kv_cache_manager import KVCacheManager, KVEvent
+from fleetserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from fleetserve.engine.outputs import EngineCoreOutput
+from fleetserve.engine.request import Request, RequestStatus
+from fleetserve.engine.sampling_params import SamplingParams
+from fleetserve.engine.scheduler import RequestUpdate, Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCoreRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    priority: int = 0
+    arrival_time: float = 0.0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+        from fleetserve.models import load_model  # torch-heavy; keep `import fleetserve` light
+
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        elif os.cpu_count():
+            torch.set_num_threads(os.cpu_count())
+        self.device = devices.resolve(config.device)
+        self.model, self.model_config = load_model(
+            config.model,
+            dtype=config.dtype,
+            device=self.device,
+            quantization=config.quantization,
+            progress=progress,
+        )
+        self.dtype = devices.kv_dtype(self.model)
+        self.block_size = config.block_size
+        bytes_per_block = kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype)
+        model_len = config.max_model_len or self.model_config.max_position_embeddings
+        memory = config.kv_cache_memory or devices.default_kv_cache_memory(self.device)
+        # Never more blocks than the batch could ever fill: a tiny model on a large budget
+        # would otherwise spend its start-up making millions of bookkeeping objects.
+        enough = -(-config.max_num_seqs * model_len // self.block_size) + 1
+        num_blocks = min(memory // bytes_per_block, enough)
+        if num_blocks < 2:
+            raise ValueError(
+                f"kv_cache_memory of {memory} bytes holds no KV block of {bytes_per_block} "
+                "bytes; give the cache more memory or use a smaller block_size"
+            )
+        capacity = (num_blocks - 1) * self.block_size
+        if config.max_model_len is None:
+            model_len = min(model_len, capacity)
+        self.max_model_len = model_len
+        self.kv_cache = KVCacheManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=model_len,
+            ),
+            self.kv_cache,
+        )
+        self.runner = ModelRunner(
+            self.model,
+            self.model_config,
+            num_blocks,
+            self.block_size,
+            self.device,
+            self.dtype,
+            config.attention_backend,
+            config.seed,
+        )
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d, device %s",
+            num_blocks,
+            self.block_size,
+            num_blocks * bytes_per_block / 2**20,
+            model_len,
+            self.device,
+        )
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def add_request(self, req: EngineCoreRequest) -> list[EngineCoreOutput]:
+        """Queue a request. Returns an error output at once if it can never run."""
+        if req.sampling_params.n != 1:
+            raise ValueError("the engine core takes n=1; the front end fans out n > 1")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_token_ids):
+            return [
+                EngineCoreOutput(
+                    req.request_id,
+                    [],
+                    finish_reason="error",
+                    error=f"prompt token ids must be in [0, {vocab})",
+                )
+            ]
+        request = Request(
+            req.request_id,
+            list(req.prompt_token_ids),
+            req.sampling_params,
+            arrival_time=req.arrival_time,
+            priority=req.priority,
+            eos_token_ids=self.eos_token_ids,
+        )
+        rejected = self.scheduler.add_request(request)
+        return [self._output(rejected)] if rejected else []
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        updates = self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        for u in updates:
+            self.runner.sampler.forget(u.request_id)
+        return [self._output(u) for u in updates]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        self.prompt_tokens_total += sum(
+            s.num_new_tokens for s in sched.scheduled if s.request.is_prefill
+        )
+        result = self.runner.execute(sched)
+        updates = self.scheduler.update(sched, result.sampled)
+        outputs = {}
+        for u in updates:
+            out = self._output(u)
+            out.new_logprobs = (
+                [result.logprobs[u.request_id]] if u.request_id in result.logprobs else None
+            )
+            outputs[u.request_id] = out
+            self.generation_tokens_total += len(u.new_token_ids)
+            if u.finish_reason:
+                self.runner.sampler.forget(u.request_id)
+        for request_id, lps in result.prompt_logprobs.items():
+            out = outputs.setdefault(request_id, EngineCoreOutput(request_id, []))
+            out.prompt_logprobs = lps
+        return list(outputs.values())
+
+    def _output(self, u: RequestUpdate) -> EngineCoreOutput:
+        return EngineCoreOutput(
+            u.request_id,
+            u.new_token_ids,
+            finish_reason=u.finish_reason,
+            error=u.error,
+            num_cached_tokens=u.num_cached_tokens,
+        )
+
+    # ---- observability ---------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        pc = self.kv_cache.stats
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": self.kv_cache.usage,
+            "num_blocks": self.kv_cache.num_usable_blocks,
+            "num_free_blocks": self.kv_cache.num_free_blocks,
+            "prefix_cache_queries": pc.queries,
+            "prefix_cache_hits": pc.hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }
+
+    def take_kv_events(self) -> list[KVEvent]:
+        return self.kv_cache.take_events()

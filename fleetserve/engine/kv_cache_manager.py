@@ -1,0 +1,225 @@
+"""Paged KV-cache bookkeeping with a prefix cache. Pure Python: block ids only, no tensors.
+
+A request owns a block table: ``blocks[i]`` holds the K/V of token positions
+``[i * block_size, (i + 1) * block_size)``. A block whose tokens are all known is *full*;
+full blocks are keyed by a hash chain (see `block_hash`) and registered in the prefix cache,
+so another request with the same prefix reuses them. A block nobody references goes to the
+free queue but keeps its cache entry until it is reused for something else (LRU eviction).
+
+    block table of a request (block_size 4, 10 tokens known, 9 computed):
+
+      [b7: t0..t3 full, cached] [b2: t4..t7 full, cached] [b9: t8 t9 _ _ partial]
+                                                                  ^ t9 known, not computed
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from fleetserve.engine.block_hash import NONE_HASH, hash_block_chain
+from fleetserve.engine.request import Request
+
+NULL_BLOCK_ID = 0  # reserved, never allocated: padding entries of block tables point here
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: int | None = None
+    token_ids: tuple[int, ...] | None = None  # the tokens behind block_hash, to verify hits
+
+
+@dataclass(frozen=True)
+class KVEvent:
+    """What a router needs to mirror this cache: blocks stored (in chain order, each with
+    its parent) or removed. `token_ids` lets a consumer check a hash without trusting it."""
+
+    kind: str  # "stored" | "removed" | "cleared"
+    block_hashes: tuple[int, ...] = ()
+    parent_hash: int = NONE_HASH
+    token_ids: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of which found in the cache
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+@dataclass
+class KVCacheManager:
+    num_blocks: int
+    block_size: int
+    enable_prefix_caching: bool = True
+    record_events: bool = True
+    stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (one is reserved), got {self.num_blocks}")
+        self.blocks = [Block(i) for i in range(self.num_blocks)]
+        # Unreferenced blocks, least recently used first. Cached ones stay findable here.
+        self.free_queue: OrderedDict[int, Block] = OrderedDict(
+            (b.block_id, b) for b in self.blocks[1:]
+        )
+        self.blocks[NULL_BLOCK_ID].ref_cnt = 1  # never freed, never allocated
+        self.cached: dict[int, Block] = {}
+        self.req_blocks: dict[str, list[Block]] = {}
+        self.req_num_cached: dict[str, int] = {}  # leading blocks already registered
+        self.events: list[KVEvent] = []
+
+    # ---- queries (no side effects) -------------------------------------------------------
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_usable_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache ----------------------------------------------------------------------
+
+    def _update_hashes(self, request: Request) -> None:
+        if self.enable_prefix_caching:
+            request.block_hashes = hash_block_chain(
+                request.all_token_ids,
+                self.block_size,
+                request.extra_hash_keys,
+                request.block_hashes,
+            )
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
+        """Longest run of cached blocks that starts the request's tokens, and how many tokens
+        they cover. At least one token is always left to compute, since its logits are needed.
+        Counts one query; does not take references (see `allocate_slots`)."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        self._update_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[Block] = []
+        for i, block_hash in enumerate(request.block_hashes[:max_blocks]):
+            block = self.cached.get(block_hash)
+            tokens = tuple(request.all_token_ids[i * self.block_size : (i + 1) * self.block_size])
+            if block is None or block.token_ids != tokens:  # verify: a hash is not proof
+                break
+            hits.append(block)
+        self.stats.queries += request.num_tokens
+        self.stats.hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    # ---- allocation ------------------------------------------------------------------------
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: list[Block] = ()
+    ) -> bool:
+        """Make room for `num_new_tokens` more tokens after `request.num_computed_tokens`
+        (counted after `computed_blocks`, which a new request takes from the prefix cache).
+        Returns False, changing nothing, when there are not enough free blocks. Full blocks
+        among the tokens of this step are registered in the prefix cache: the attention
+        backend writes all new K/V of a step before any attention reads it, so a request
+        scheduled later in the same step may already reuse them."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_new_blocks = self.blocks_needed(total) - len(blocks) - len(computed_blocks)
+        # Cached hits sitting in the free queue stop being free once we take them.
+        num_revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks + num_revived > self.num_free_blocks:
+            return False
+        for block in computed_blocks:
+            self._touch(block)
+        blocks = blocks + list(computed_blocks) + [self._pop_free() for _ in range(num_new_blocks)]
+        self.req_blocks[request.request_id] = blocks
+        if not self.req_num_cached.get(request.request_id):
+            self.req_num_cached[request.request_id] = len(computed_blocks)
+        self._cache_full_blocks(request, total)
+        return True
+
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        self._update_hashes(request)
+        blocks = self.req_blocks[request.request_id]
+        start = self.req_num_cached[request.request_id]
+        end = min(num_tokens // self.block_size, len(request.block_hashes))
+        stored: list[Block] = []
+        for i in range(start, end):
+            block = blocks[i]
+            block_hash = request.block_hashes[i]
+            tokens = tuple(request.all_token_ids[i * self.block_size : (i + 1) * self.block_size])
+            if block.block_hash is None and block_hash not in self.cached:
+                block.block_hash, block.token_ids = block_hash, tokens
+                self.cached[block_hash] = block
+                stored.append(block)
+        self.req_num_cached[request.request_id] = max(start, end)
+        if stored and self.record_events:
+            parent = request.block_hashes[start - 1] if start > 0 else NONE_HASH
+            self.events.append(
+                KVEvent(
+                    "stored",
+                    tuple(b.block_hash for b in stored),
+                    parent,
+                    tuple(b.token_ids for b in stored),
+                )
+            )
+
+    def _touch(self, block: Block) -> None:
+        if block.ref_cnt == 0:
+            del self.free_queue[block.block_id]
+        block.ref_cnt += 1
+
+    def _pop_free(self) -> Block:
+        _, block = self.free_queue.popitem(last=False)  # least recently used
+        if block.block_hash is not None:  # evict its cache entry
+            del self.cached[block.block_hash]
+            if self.record_events:
+                self.events.append(KVEvent("removed", (block.block_hash,)))
+            block.block_hash = block.token_ids = None
+        block.ref_cnt = 1
+        return block
+
+    def free(self, request: Request) -> None:
+        """Release every block of the request; cached ones stay findable until evicted.
+        Tail blocks go to the free queue first so that they are evicted before the shared
+        heads of a prefix."""
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_num_cached.pop(request.request_id, None)
+        for block in reversed(blocks):
+            block.ref_cnt -= 1
+            assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
+            if block.ref_cnt == 0:
+                self.free_queue[block.block_id] = block
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block. Only possible when no request holds blocks."""
+        if self.req_blocks:
+            return False
+        for block in self.cached.values():
+            block.block_hash = block.token_ids = None
+        self.cached.clear()
+        if self.record_events:
+            self.events.append(KVEvent("cleared"))
+        return True
+
+    def take_events(self) -> list[KVEvent]:
+        events, self.events = self.events, []
+        return events

@@ -1,0 +1,118 @@
+"""Runs one scheduled step on the model: builds the flattened batch, calls the model once,
+and samples. Owns the KV-cache tensors; knows nothing about queues or HTTP."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from fleetserve.engine.attention import (
+    ForwardContext,
+    SeqSpec,
+    build_attention_metadata,
+    get_backend,
+)
+from fleetserve.engine.outputs import Logprobs
+from fleetserve.engine.sampler import Sampler, top_logprobs
+from fleetserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, Logprobs] = field(default_factory=dict)
+    # request id -> logprobs of the prompt positions computed this step (None at position 0)
+    prompt_logprobs: dict[str, list[Logprobs | None]] = field(default_factory=dict)
+
+
+def kv_cache_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * model_config.num_key_value_heads * model_config.head_dim * elem
+    return per_token * block_size * model_config.num_hidden_layers
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model,
+        model_config,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        backend: str,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.block_size = block_size
+        self.device = device
+        self.backend = get_backend(backend)
+        shape = (2, num_blocks, block_size, model_config.num_key_value_heads, model_config.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=dtype, device=device)
+            for _ in range(model_config.num_hidden_layers)
+        ]
+        self.sampler = Sampler(seed, device)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        # Decodes first: the attention backend batches them together.
+        batch = sorted(out.scheduled, key=lambda s: not _is_decode(s))
+        input_ids: list[int] = []
+        positions: list[int] = []
+        specs = []
+        for s in batch:
+            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
+            input_ids += s.request.all_token_ids[start:end]
+            positions += range(start, end)
+            specs.append(SeqSpec(start, s.num_new_tokens, s.block_ids))
+        meta = build_attention_metadata(specs, self.block_size, self.device)
+        ctx = ForwardContext(meta, self.kv_caches, self.backend)
+        hidden = self.model(
+            torch.tensor(input_ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            ctx,
+        )
+
+        result = RunnerOutput()
+        sampling = [(i, s) for i, s in enumerate(batch) if s.samples]
+        if sampling:
+            rows = torch.tensor(
+                [meta.query_start_loc[i + 1] - 1 for i, _ in sampling], device=self.device
+            )
+            logits = self.model.compute_logits(hidden[rows])
+            requests = [s.request for _, s in sampling]
+            sampled = self.sampler(logits, requests)
+            for request, token, lps in zip(requests, sampled.token_ids, sampled.logprobs):
+                result.sampled[request.request_id] = token
+                if lps is not None:
+                    result.logprobs[request.request_id] = lps
+        for i, s in enumerate(batch):
+            if s.request.sampling_params.prompt_logprobs is not None and s.request.is_prefill:
+                result.prompt_logprobs[s.request.request_id] = self._prompt_logprobs(
+                    s, hidden[meta.query_start_loc[i] : meta.query_start_loc[i + 1]]
+                )
+        return result
+
+    def _prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor):
+        """Logprob of each prompt token computed this step, given the tokens before it."""
+        request, start = s.request, s.num_computed_tokens
+        n = s.request.sampling_params.prompt_logprobs
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
+        result: list[Logprobs | None] = [None] if start == 0 else []
+        # row j predicts the token at position start + j + 1
+        for j in range(s.num_new_tokens):
+            pos = start + j + 1
+            if pos >= request.num_prompt_tokens:
+                break
+            result.append(top_logprobs(logprobs[j], request.prompt_token_ids[pos], n))
+        return result
+
+
+def _is_decode(s: ScheduledRequest) -> bool:
+    return s.num_new_tokens == 1 and s.num_computed_tokens > 0

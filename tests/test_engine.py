@@ -1,0 +1,238 @@
+"""The engine against transformers on the same fp32 weights: token for token."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fleetserve import LLM, SamplingParams
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def hf_models():
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            cache[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return cache[path]
+
+    return get
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens by full recomputation, and the log-softmax at each generated step."""
+    ids = list(prompt)
+    out, logprobs = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            token = int(logits.argmax())
+            out.append(token)
+            logprobs.append(lp)
+            ids.append(token)
+    return out, logprobs
+
+
+def random_prompts(num: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 60):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
+
+
+def greedy(max_tokens=MAX_TOKENS, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return LLM(tiny_llama, dtype="float32", max_num_seqs=64, seed=0)
+
+
+def assert_all_blocks_free(llm: LLM) -> None:
+    kv = llm.engine.kv_cache
+    assert kv.num_free_blocks == kv.num_usable_blocks
+    assert not llm.engine.has_unfinished()
+
+
+def test_each_architecture_matches_transformers(tiny_checkpoints, hf_models):
+    for arch, path in tiny_checkpoints.items():
+        llm = LLM(path, dtype="float32")
+        hf = hf_models(path)
+        vocab = llm.engine.model_config.vocab_size
+        for prompt in random_prompts(3, vocab, seed=1):
+            expected, _ = hf_greedy(hf, prompt, MAX_TOKENS)
+            got = llm.generate([prompt], greedy(), use_tqdm=False)[0].outputs[0].token_ids
+            assert got == expected, f"{arch}: {got} != {expected}"
+
+
+def test_batch_of_32_mixed_lengths_matches_single_requests(llm, tiny_llama, hf_models):
+    hf = hf_models(tiny_llama)
+    vocab = llm.engine.model_config.vocab_size
+    prompts = random_prompts(32, vocab, seed=2, lo=2, hi=90)
+    outs = llm.generate(prompts, greedy(), use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == prompts
+    for prompt, out in zip(prompts, outs):
+        expected, _ = hf_greedy(hf, prompt, MAX_TOKENS)
+        assert out.outputs[0].token_ids == expected
+        assert out.outputs[0].finish_reason == "length"
+    assert_all_blocks_free(llm)
+
+
+def test_logprobs_match_transformers(llm, tiny_llama, hf_models):
+    hf = hf_models(tiny_llama)
+    prompt = random_prompts(1, llm.engine.model_config.vocab_size, seed=3)[0]
+    out = llm.generate([prompt], greedy(max_tokens=5, logprobs=3), use_tqdm=False)[0]
+    expected, ref = hf_greedy(hf, prompt, 5)
+    completion = out.outputs[0]
+    assert completion.token_ids == expected
+    assert len(completion.logprobs) == 5
+    for token, lps, ref_lp in zip(completion.token_ids, completion.logprobs, ref):
+        assert next(iter(lps)) == token
+        assert abs(lps[token] - float(ref_lp[token])) < 1e-4
+        top = ref_lp.topk(3).indices.tolist()
+        for tid in top:
+            assert abs(lps[tid] - float(ref_lp[tid])) < 1e-4
+
+
+def test_prompt_logprobs_match_transformers(llm, tiny_llama, hf_models):
+    hf = hf_models(tiny_llama)
+    prompt = random_prompts(1, llm.engine.model_config.vocab_size, seed=4, lo=20, hi=20)[0]
+    out = llm.generate([prompt], greedy(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        assert abs(out.prompt_logprobs[pos][prompt[pos]] - float(ref[pos - 1, prompt[pos]])) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [
+        {"max_num_batched_tokens": 16},  # chunked prefill: prompts span several steps
+        {"block_size": 4, "max_model_len": 64, "kv_blocks": 40},  # preemption
+    ],
+    ids=["chunked_prefill", "preemption"],
+)
+def test_greedy_output_unchanged_by_chunking_and_preemption(tiny_llama, hf_models, engine_kwargs):
+    from fleetserve.engine.model_runner import kv_cache_bytes_per_block
+    from fleetserve.models import load_model
+
+    kwargs = dict(engine_kwargs)
+    num_blocks = kwargs.pop("kv_blocks", None)
+    if num_blocks:
+        _, config = load_model(tiny_llama, dtype="float32")
+        per_block = kv_cache_bytes_per_block(config, kwargs["block_size"], torch.float32)
+        kwargs["kv_cache_memory"] = per_block * num_blocks
+    llm = LLM(tiny_llama, dtype="float32", **kwargs)
+    hf = hf_models(tiny_llama)
+    prompts = random_prompts(12, llm.engine.model_config.vocab_size, seed=5, lo=20, hi=40)
+    outs = llm.generate(prompts, greedy(max_tokens=16), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        expected, _ = hf_greedy(hf, prompt, 16)
+        assert out.outputs[0].token_ids == expected
+    if num_blocks:
+        assert llm.engine.kv_cache.num_usable_blocks == num_blocks - 1
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert_all_blocks_free(llm)
+
+
+def test_prefix_cache_hits_leave_output_unchanged(llm, tiny_llama, hf_models):
+    hf = hf_models(tiny_llama)
+    vocab = llm.engine.model_config.vocab_size
+    system = random_prompts(1, vocab, seed=6, lo=48, hi=48)[0]
+    prompts = [system + tail for tail in random_prompts(4, vocab, seed=7, lo=3, hi=9)]
+    hits_before = llm.engine.kv_cache.stats.hits
+    first = llm.generate(prompts[:1], greedy(), use_tqdm=False)
+    rest = llm.generate(prompts[1:], greedy(), use_tqdm=False)
+    assert llm.engine.kv_cache.stats.hits - hits_before >= 3 * 48
+    assert rest[0].num_cached_tokens == 48
+    for prompt, out in zip(prompts, first + rest):
+        expected, _ = hf_greedy(hf, prompt, MAX_TOKENS)
+        assert out.outputs[0].token_ids == expected
+    assert_all_blocks_free(llm)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
+    vocab = llm.engine.model_config.vocab_size
+    prompt = random_prompts(1, vocab, seed=8)[0]
+    params = SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=10, ignore_eos=True
+    )
+    alone = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = random_prompts(7, vocab, seed=9)
+    unseeded = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
+    batch = llm.generate([prompt] + others, [params] + [unseeded] * 7, use_tqdm=False)
+    assert batch[0].outputs[0].token_ids == alone
+    other_seed = SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=10, ignore_eos=True
+    )
+    assert llm.generate([prompt], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_n_completions_share_prompt_and_differ(llm):
+    prompt = random_prompts(1, llm.engine.model_config.vocab_size, seed=10, lo=40, hi=40)[0]
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert_all_blocks_free(llm)
+
+
+def test_stop_strings_cut_text_even_across_tokens(llm):
+    prompt = random_prompts(1, llm.engine.model_config.vocab_size, seed=11)[0]
+    full = llm.generate([prompt], greedy(max_tokens=20), use_tqdm=False)[0].outputs[0]
+    text = full.text
+    assert len(text) > 6
+    # A stop string that starts inside one token's text and ends in a later one.
+    stop = text[3:7]
+    out = llm.generate([prompt], greedy(max_tokens=20, stop=[stop]), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == text[: text.find(stop)]
+    assert_all_blocks_free(llm)
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    prompt = random_prompts(1, llm.engine.model_config.vocab_size, seed=12)[0]
+    tokens = llm.generate([prompt], greedy(max_tokens=10), use_tqdm=False)[0].outputs[0].token_ids
+    stop_at = tokens[4]
+    first = tokens.index(stop_at)
+    out = llm.generate([prompt], greedy(max_tokens=10, stop_token_ids=[stop_at]), use_tqdm=False)[
+        0
+    ].outputs[0]
+    assert out.token_ids == tokens[: first + 1] and out.finish_reason == "stop"
+    assert out.stop_reason == stop_at
+
+
+def test_abort_frees_every_block(llm):
+    engine = llm.engine
+    from fleetserve.engine.core import EngineCoreRequest
+
+    for i in range(4):
+        engine.add_request(EngineCoreRequest(f"abort-{i}", [5, 6, 7, 8] * 10, greedy(50)))
+    engine.step()
+    engine.step()
+    assert engine.kv_cache.num_free_blocks < engine.kv_cache.num_usable_blocks
+    outs = engine.abort_requests([f"abort-{i}" for i in range(4)])
+    assert [o.finish_reason for o in outs] == ["abort"] * 4
+    assert_all_blocks_free(llm)
+
+
+def test_prompt_too_long_is_an_error_not_a_hang(tiny_llama):
+    llm = LLM(tiny_llama, dtype="float32", max_model_len=32)
+    out = llm.generate([[5] * 40], greedy(), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "error"
+    assert "context length" in out.error
+
+
+def test_invalid_sampling_params_name_the_field():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
