@@ -236,3 +236,22 @@ def test_prompt_too_long_is_an_error_not_a_hang(tiny_llama):
 def test_invalid_sampling_params_name_the_field():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_smollm2_gguf_matches_transformers_gguf_loading(smollm2_gguf):
+    """The default model, from its GGUF file, against transformers' own GGUF loading."""
+    llm = LLM(str(smollm2_gguf), dtype="float32", max_model_len=512)
+    hf = AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    questions = [
+        "What is the capital of France?",
+        "Name three primary colors.",
+        "Write a haiku about the sea.",
+    ]
+    outs = llm.chat([[{"role": "user", "content": q}] for q in questions], greedy(16),
+                    use_tqdm=False)
+    for out in outs:
+        expected, _ = hf_greedy(hf, out.prompt_token_ids, 16)
+        assert out.outputs[0].token_ids == expected
+    assert "Paris" in outs[0].outputs[0].text

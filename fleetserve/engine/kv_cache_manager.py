@@ -161,7 +161,7 @@ class KVCacheManager:
         blocks = self.req_blocks[request.request_id]
         start = self.req_num_cached[request.request_id]
         end = min(num_tokens // self.block_size, len(request.block_hashes))
-        stored: list[Block] = []
+        stored: list[int] = []  # indices of blocks registered now
         for i in range(start, end):
             block = blocks[i]
             block_hash = request.block_hashes[i]
@@ -169,18 +169,21 @@ class KVCacheManager:
             if block.block_hash is None and block_hash not in self.cached:
                 block.block_hash, block.token_ids = block_hash, tokens
                 self.cached[block_hash] = block
-                stored.append(block)
+                stored.append(i)
         self.req_num_cached[request.request_id] = max(start, end)
-        if stored and self.record_events:
-            parent = request.block_hashes[start - 1] if start > 0 else NONE_HASH
-            self.events.append(
-                KVEvent(
-                    "stored",
-                    tuple(b.block_hash for b in stored),
-                    parent,
-                    tuple(b.token_ids for b in stored),
+        if self.record_events:
+            # One event per run of consecutive blocks, so each block's parent is the one
+            # before it in the event (or `parent_hash` for the first).
+            for run in _consecutive_runs(stored):
+                parent = request.block_hashes[run[0] - 1] if run[0] > 0 else NONE_HASH
+                self.events.append(
+                    KVEvent(
+                        "stored",
+                        tuple(blocks[i].block_hash for i in run),
+                        parent,
+                        tuple(blocks[i].token_ids for i in run),
+                    )
                 )
-            )
 
     def _touch(self, block: Block) -> None:
         if block.ref_cnt == 0:
@@ -223,3 +226,13 @@ class KVCacheManager:
     def take_events(self) -> list[KVEvent]:
         events, self.events = self.events, []
         return events
+
+
+def _consecutive_runs(indices: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs

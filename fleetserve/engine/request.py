@@ -52,6 +52,7 @@ class Request:
     # Hashes of the request's full blocks, extended by the KV-cache manager as tokens arrive.
     block_hashes: list[int] = field(default_factory=list)
     error: str | None = None
+    seq: int = 0  # admission order, set by the scheduler; breaks ties of arrival_time
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

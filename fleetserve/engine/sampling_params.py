@@ -55,7 +55,7 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also catches NaN
             bad("temperature", "must be >= 0")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
@@ -63,7 +63,7 @@ class SamplingParams:
             bad("top_k", "must be -1 (disabled) or a positive integer")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1]")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             bad("repetition_penalty", "must be > 0")
         if not -2 <= self.presence_penalty <= 2:
             bad("presence_penalty", "must be in [-2, 2]")

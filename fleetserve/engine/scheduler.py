@@ -104,7 +104,7 @@ class Scheduler:
 
     def _push_waiting(self, request: Request) -> None:
         # Preempted requests keep their arrival time, so they go ahead of later arrivals.
-        key = (request.priority, request.arrival_time, next(self._counter), request)
+        key = (request.priority, request.arrival_time, request.seq, request)
         heapq.heappush(self._waiting, key)
 
     def add_request(self, request: Request) -> RequestUpdate | None:
@@ -120,6 +120,7 @@ class Scheduler:
             )
             return RequestUpdate(request.request_id, [], "error", request.error)
         self.requests[request.request_id] = request
+        request.seq = next(self._counter)
         self._push_waiting(request)
         return None
 
@@ -157,6 +158,9 @@ class Scheduler:
         """Pick this step's batch. Takes KV blocks for it; `update` must follow."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        # Highest priority first, so that whoever is still unscheduled when blocks run out is
+        # the right victim, and no work already given out this step is taken back.
+        self.running.sort(key=_rank)
         scheduled: set[int] = set()
 
         i = 0
@@ -217,7 +221,7 @@ class Scheduler:
         """Lowest priority first (highest value), then the newest arrival. Requests already
         given work in this step are spared while any other candidate exists."""
         candidates = [r for r in self.running if id(r) not in scheduled] or self.running
-        return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+        return max(candidates, key=_rank)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> int:
         """Free the request's blocks and requeue it; returns the tokens it had been given
@@ -279,3 +283,8 @@ class Scheduler:
         if request.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+
+def _rank(request: Request) -> tuple[int, float, int]:
+    """Service order: priority (lower first), then arrival, then admission order."""
+    return request.priority, request.arrival_time, request.seq
