@@ -8,9 +8,8 @@
 #   .peers/cache/, tmp/     pip, vLLM, torch-inductor and HF caches, temporary files
 #
 # Downloads about 3.4 GB. Rerunning keeps a finished venv; delete its folder to rebuild it.
-# torch comes from the same place as in the Makefile (pip's configured indexes must offer the
-# CPU build of torch 2.13.0; set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-# where they do not).
+# torch comes from the same place as in the Makefile: pip's configured indexes must offer the
+# CPU build of torch 2.13.0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
