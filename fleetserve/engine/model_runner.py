@@ -52,9 +52,15 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.backend = get_backend(backend)
-        shape = (2, num_blocks, block_size, model_config.num_key_value_heads, model_config.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=dtype, device=device)
+            self.backend.new_kv_cache(
+                num_blocks,
+                block_size,
+                model_config.num_key_value_heads,
+                model_config.head_dim,
+                dtype,
+                device,
+            )
             for _ in range(model_config.num_hidden_layers)
         ]
         self.sampler = Sampler(seed, device)

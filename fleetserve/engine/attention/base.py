@@ -5,8 +5,8 @@ sequence, decodes first (one token each, in order), then prefill chunks. Sequenc
 query rows ``query_start_loc[i]:query_start_loc[i+1]`` and, after this step, has
 ``seq_lens[i]`` tokens of K/V in the blocks of ``block_tables[i]``.
 
-KV cache of one layer: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``; slot ``s``
-is block ``s // block_size``, offset ``s % block_size``.
+KV cache of one layer: a tensor whose shape the backend chooses (`kv_cache_shape`); slot
+``s`` is block ``s // block_size``, offset ``s % block_size``.
 """
 
 from __future__ import annotations
@@ -93,13 +93,32 @@ class AttentionBackend(ABC):
 
     name: str
 
+    @staticmethod
+    @abstractmethod
+    def kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's KV cache tensor."""
+
+    def new_kv_cache(
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        shape = self.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device)
+
     @abstractmethod
     def forward(
         self,
         q: torch.Tensor,  # (num_tokens, num_heads, head_dim)
         k: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
         v: torch.Tensor,  # (num_tokens, num_kv_heads, head_dim)
-        kv_cache: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
+        kv_cache: torch.Tensor,  # this layer's, shaped as `kv_cache_shape` says
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)

@@ -1,0 +1,211 @@
+"""The Llama family in one file: Llama 2/3, SmolLM, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Differences between the members are flags on ``ModelConfig``. The forward takes a flattened
+batch (no batch dim): ``input_ids, positions: (num_tokens,)``. Attention goes through
+``ctx.backend``, which also writes the step's K/V into ``ctx.kv_caches[layer]``.
+
+Module and parameter names follow transformers' (``model.layers.N.self_attn...``) so that HF
+tensor names map one-to-one, except the fused ``qkv_proj`` and ``gate_up_proj``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fleetserve.models.layers import MergedLinear, RMSNorm
+from fleetserve.models.rotary import RotaryEmbedding, apply_rope
+
+if TYPE_CHECKING:
+    from fleetserve.engine.attention.base import ForwardContext
+    from fleetserve.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# checkpoint shard name -> (our fused module, shard index)
+STACKED_PARAMS = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = config.head_dim**-0.5
+        self.qkv_proj = MergedLinear(
+            config.hidden_size,
+            [self.q_size, self.kv_size, self.kv_size],
+            bias=config.attention_bias,
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = ctx.backend.forward(
+            q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn_metadata, self.scale
+        )  # [T, H, D]
+        return self.o_proj(o.reshape(T, self.q_size))  # [T, hidden]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=False
+        )
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.rotary_emb(positions)  # [T, 1, D/2] each, shared by all layers
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        # Tied: compute_logits reads embed_tokens.weight; no second module shares the Parameter
+        # (sharing does not survive ``to_empty`` from the meta device).
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """input_ids, positions: (num_tokens,) -> hidden states (num_tokens, hidden_size).
+        Writes this step's K/V into ``ctx.kv_caches``; reads nothing else from outside."""
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (n, hidden_size) -> (n, vocab_size) float32."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def init_buffers(self, device: torch.device) -> None:
+        self.model.rotary_emb.init_buffers(device)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies checkpoint tensors named as transformers names them (``model.layers.0.
+        self_attn.q_proj.weight``) into this model, fusing q/k/v and gate/up. Copies convert
+        dtype and device. Raises ValueError if a parameter is missing or a shape differs."""
+        params = dict(self.named_parameters())
+        expected = {(n, None) for n in params}
+        for name in params:
+            module = self.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(module, MergedLinear):
+                expected.discard((name, None))
+                expected |= {(name, i) for i in range(len(module.output_sizes))}
+        loaded: set[tuple[str, int | None]] = set()
+        unexpected: list[str] = []
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue  # recomputed / tied to embed_tokens
+            target, shard = _fused_target(name)
+            if target not in params:
+                unexpected.append(name)
+                continue
+            param = params[target]
+            if shard is not None:
+                module = self.get_submodule(target.rsplit(".", 1)[0])
+                module.load_shard(param, shard, tensor)
+            else:
+                if param.shape != tensor.shape:
+                    raise ValueError(
+                        f"checkpoint tensor {name}: shape {tuple(tensor.shape)} != expected "
+                        f"{tuple(param.shape)}"
+                    )
+                param.data.copy_(tensor)
+            loaded.add((target, shard))
+        if unexpected:
+            logger.warning(
+                "ignored %d checkpoint tensors not in the model: %s",
+                len(unexpected),
+                unexpected[:8],
+            )
+        missing = sorted(
+            f"{n}" + ("" if s is None else f"[shard {s}]") for n, s in expected - loaded
+        )
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:8]}")
+
+
+def _fused_target(name: str) -> tuple[str, int | None]:
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in STACKED_PARAMS:
+        fused, shard = STACKED_PARAMS[parts[-2]]
+        return ".".join([*parts[:-2], fused, parts[-1]]), shard
+    return name, None
