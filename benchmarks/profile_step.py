@@ -17,8 +17,8 @@ import time
 from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from throughput import OUT, build_random_100m, smollm2_path
+from torch.profiler import ProfilerActivity, profile
 
 CATEGORIES = [
     ("matmuls (linear layers, lm_head)", ("aten::mm", "aten::addmm", "aten::_int_mm")),
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fleetserve import LLM, SamplingParams
-    from fleetserve.engine.core import EngineCoreRequest
+    from fleetserve.engine.request import EngineCoreRequest
 
     model = {"random-100m": lambda: build_random_100m(OUT / "random-100m"),
              "smollm2": smollm2_path}.get(args.model, lambda: args.model)()

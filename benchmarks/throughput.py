@@ -151,7 +151,7 @@ def run_engine_subprocess(engine: str, args, model: str, prompts) -> dict:
             cmd = [args.vllm_python, str(script), str(job_file)]
         else:
             cmd = [sys.executable, __file__, "--worker", str(job_file)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
         for line in proc.stdout.splitlines():
             if line.startswith("RESULT "):
                 return json.loads(line[len("RESULT "):])

@@ -214,7 +214,7 @@ def test_stop_token_ids_and_min_tokens(llm):
 
 def test_abort_frees_every_block(llm):
     engine = llm.engine
-    from fleetserve.engine.core import EngineCoreRequest
+    from fleetserve.engine.request import EngineCoreRequest
 
     for i in range(4):
         engine.add_request(EngineCoreRequest(f"abort-{i}", [5, 6, 7, 8] * 10, greedy(50)))

@@ -231,10 +231,11 @@ class AsyncEngine:
             self._reader.cancel()
         proc = self._proc
         if proc is not None and proc.is_alive():
-            self._send("shutdown", None)
-            await asyncio.to_thread(proc.join, 5)
+            if self.ready:  # still loading: nothing to finish, and it may not listen yet
+                self._send("shutdown", None)
+                await asyncio.to_thread(proc.join, 5)
             if proc.is_alive():
-                logger.warning("engine core did not stop; terminating it")
+                logger.info("terminating the engine core process")
                 proc.terminate()
                 await asyncio.to_thread(proc.join, 5)
             if proc.is_alive():
@@ -291,10 +292,9 @@ class AsyncEngine:
         try:
             while not finished:
                 out = await stream.get()
-                if out.error:
-                    finished = True
-                    raise RequestFailedError(out.error)
                 finished = out.finished
+                if out.error:  # its other choices (n > 1), if any, are aborted below
+                    raise RequestFailedError(out.error)
                 yield out
         finally:
             # Synchronous on purpose: this also runs inside a cancelled task (a client gone).
@@ -441,7 +441,10 @@ class AsyncEngine:
     # ---- helpers -----------------------------------------------------------------------------
 
     def _send(self, kind: str, payload: Any) -> None:
-        self._inbox.send(core_proc.pack([kind, payload]), zmq.NOBLOCK)
+        try:
+            self._inbox.send(core_proc.pack([kind, payload]), zmq.NOBLOCK)
+        except zmq.Again:  # no core connected (still starting, or gone): nobody to tell
+            logger.debug("engine core not connected; dropped %r", kind)
 
     def _check_alive(self) -> None:
         if self.dead:

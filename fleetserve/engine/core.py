@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -20,20 +19,10 @@ from fleetserve.engine.config import EngineConfig
 from fleetserve.engine.kv_cache_manager import KVCacheManager, KVEvent
 from fleetserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from fleetserve.engine.outputs import EngineCoreOutput
-from fleetserve.engine.request import Request, RequestStatus
-from fleetserve.engine.sampling_params import SamplingParams
+from fleetserve.engine.request import EngineCoreRequest, Request, RequestStatus
 from fleetserve.engine.scheduler import RequestUpdate, Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineCoreRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    priority: int = 0
-    arrival_time: float = 0.0
 
 
 class EngineCore:

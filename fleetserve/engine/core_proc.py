@@ -183,7 +183,7 @@ class CoreLoop:
             raise ValueError(f"unknown message kind {kind!r}")
 
     def _add(self, payload: dict) -> None:
-        from fleetserve.engine.core import EngineCoreRequest
+        from fleetserve.engine.request import EngineCoreRequest
 
         request_id = str(payload["request_id"])
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 CPU_KV_CACHE_SHARE = 0.25  # of available host memory
-CPU_KV_CACHE_MAX = 4 * 2**30
+CPU_KV_CACHE_MAX = 2 * 2**30
 GPU_KV_CACHE_SHARE = 0.85  # of free device memory after the weights are loaded
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from fleetserve.engine.core import EngineCoreRequest
 from fleetserve.engine.detokenizer import IncrementalDetokenizer
 from fleetserve.engine.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
+from fleetserve.engine.request import EngineCoreRequest
 from fleetserve.engine.sampling_params import SamplingParams
 
 
@@ -121,8 +121,8 @@ class OutputProcessor:
                     to_abort.append(out.request_id)
             elif out.finished:
                 c.finish_reason = out.finish_reason
-                if out.finish_reason == "stop" and c.token_ids:
-                    c.stop_reason = c.token_ids[-1]
+                if c.token_ids and c.token_ids[-1] in parent.params.stop_token_ids:
+                    c.stop_reason = c.token_ids[-1]  # None when EOS ended it, as in vLLM
                 if out.error:
                     parent.error = out.error
             c.text_delta += child.detok.take_delta(c.finished)

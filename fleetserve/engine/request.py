@@ -26,6 +26,17 @@ class RequestStatus(enum.Enum):
         return self.value if self.finished else None
 
 
+@dataclass
+class EngineCoreRequest:
+    """What the front end sends the engine core: one request, already tokenized, n == 1."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    priority: int = 0
+    arrival_time: float = 0.0
+
+
 @dataclass(eq=False)
 class Request:
     """Token-level state of one request.

@@ -1,0 +1,67 @@
+"""Operations routes: /health, /metrics, and the KV-event stream for the gateway's router."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from fleetserve.server.errors import APIError, error_response
+from fleetserve.server.state import ServerState, get_state, require_api_key
+from fleetserve.server.streaming import SSE_HEADERS
+
+State = Annotated[ServerState, Depends(get_state)]
+
+router = APIRouter()
+
+KEEPALIVE_S = 15.0  # an SSE comment this often, so proxies and clients see a live stream
+
+
+@router.get("/health", responses={503: {"description": "loading, draining or engine down"}})
+async def health(state: State) -> Response:
+    """200 while the engine core answers and the replica takes work; 503 otherwise."""
+    try:
+        state.check_ready()
+    except APIError as exc:
+        return error_response(exc)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    await state.engine.fresh_stats(timeout_s=0.2)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/kv_events", dependencies=[Depends(require_api_key)], tags=["gateway"])
+async def kv_events(state: State) -> StreamingResponse:
+    """SSE stream of the engine's prefix-cache changes, for a prefix-aware router. Each event
+    is `{"block_size": B, "events": [{"kind": "stored"|"removed"|"cleared", "block_hashes":
+    [...], "parent_hash": int, "token_ids": [[...], ...]}]}`. A new subscriber starts from
+    nothing (no snapshot): treat the replica's cache as empty at connect time."""
+    state.check_ready()
+    sub = state.engine.subscribe_kv_events()
+    block_size = state.engine.block_size
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            it = aiter(sub)
+            while True:
+                try:
+                    batch = await asyncio.wait_for(anext(it), KEEPALIVE_S)
+                except TimeoutError:
+                    yield ": keepalive\n\n"
+                    continue
+                except StopAsyncIteration:
+                    return
+                body = {"block_size": block_size, "events": batch}
+                yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+        finally:
+            sub.close()
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
