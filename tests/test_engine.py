@@ -183,6 +183,8 @@ def test_n_completions_share_prompt_and_differ(llm):
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 8 for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    # Siblings admitted in the same step reuse the two full prompt blocks of the first.
+    assert out.num_cached_tokens == 32
     assert_all_blocks_free(llm)
 
 

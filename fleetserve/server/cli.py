@@ -125,7 +125,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, (kind, default, text) in SERVER_OPTIONS.items():
         shown = "" if default is None else f" (default: {default})"
         server.add_argument(_flag(name), type=kind, default=s, help=text + shown)
-    # The gateway's --replicas N (several replicas behind one port) is added here.
+    # Several replicas behind one gateway on the public port: --replicas N, --router, ...
+    from fleetserve.fleet.replicated import add_replicated_arguments
+
+    add_replicated_arguments(p)
     engine = p.add_argument_group("engine")
     defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     for name, hint in _engine_fields():
@@ -224,6 +227,10 @@ def build_settings(options: dict[str, Any]):
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "replicas", 1) > 1:
+        from fleetserve.fleet.replicated import run_replicated
+
+        return run_replicated(args)
     parser: argparse.ArgumentParser = args._parser
     try:
         options = resolve_options(args)

@@ -1,0 +1,49 @@
+"""Where replicas run. A backend starts, watches and stops replica processes; the
+`Supervisor` decides when. Adding one (Ray actors, Kubernetes pods) is a file and a line in
+`BACKENDS`."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ReplicaHandle:
+    index: int
+    url: str
+    pid: int | None = None
+    native: Any = field(default=None, repr=False)  # the backend's own object (a Popen, ...)
+
+
+class FleetBackend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def start(self, index: int) -> ReplicaHandle:
+        """Launch replica `index` (returns at once; it may still be loading)."""
+
+    @abc.abstractmethod
+    async def wait_ready(self, handle: ReplicaHandle, timeout_s: float) -> bool:
+        """True once it answers `/health` with 200; False if it exited or timed out."""
+
+    @abc.abstractmethod
+    async def wait_exit(self, handle: ReplicaHandle) -> int | None:
+        """Returns its exit code once it is gone."""
+
+    @abc.abstractmethod
+    async def stop(self, handle: ReplicaHandle, grace_s: float) -> None:
+        """Ask it to drain and exit; force it after `grace_s`."""
+
+
+def make_backend(name: str, **kwargs: Any) -> FleetBackend:
+    from fleetserve.fleet.local import LocalBackend
+
+    backends: dict[str, type[FleetBackend]] = {"local": LocalBackend}
+    try:
+        return backends[name](**kwargs)
+    except KeyError:
+        raise ValueError(
+            f"unknown fleet backend {name!r}; choose from {sorted(backends)}"
+        ) from None

@@ -1,0 +1,395 @@
+"""A model-free stand-in for a fleetserve replica, for gateway tests and benchmarks.
+
+It speaks the replica's HTTP API and extensions (streams with token ids, `X-Request-Id`,
+`/v1/kv_events`, `/health`, `/metrics`) over a byte-level "tokenizer". Its next token is a
+pure function of the whole sequence so far, so a continuation from prompt + generated
+tokens produces exactly the tokens an uninterrupted run would: the property greedy decoding
+gives a real model. It keeps a real prefix cache of hashed blocks (LRU, KV events on store
+and evict) and charges `prefill_s_per_token` for every uncached prompt token, so routing
+with and without prefix awareness differs measurably. `POST /fake/control` injects failures.
+
+    python -m fleetserve.fleet.fake_replica --port 8101 --token-delay 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from fleetserve.engine.block_hash import hash_block_chain
+from fleetserve.engine.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+ALPHABET = b"etaoin shrdlu cmfwyp vbgkqjxz "
+
+
+class ByteTokenizer:
+    """Token id = byte of UTF-8. Enough of the transformers interface for the gateway."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        return_dict: bool = False,
+    ) -> list[int] | str:
+        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+        if add_generation_prompt:
+            text += "<|assistant|>"
+        return self.encode(text) if tokenize else text
+
+
+def next_token(seq: list[int]) -> int:
+    """The 'model': a pure function of the last tokens and the length."""
+    key = f"{len(seq)}:{seq[-8:]}".encode()
+    return ALPHABET[zlib.crc32(key) % len(ALPHABET)]
+
+
+@dataclass
+class FakeSettings:
+    block_size: int = 4
+    num_blocks: int = 4096
+    token_delay_s: float = 0.002
+    prefill_s_per_token: float = 0.0
+    max_concurrent: int = 256  # beyond this, requests wait (shows as waiting)
+    # failure injection (POST /fake/control)
+    die_after_tokens: int | None = None  # streams break (connection reset) after k tokens
+    stall_after_tokens: int | None = None  # streams go silent after k tokens
+    # answer this status to the next `fail_count` requests (health probes excepted)
+    fail_status: int | None = None
+    fail_count: int = 0
+    health_status: int = 200
+
+
+class FakeReplica:
+    def __init__(self, settings: FakeSettings | None = None, model: str = "fake") -> None:
+        self.s = settings or FakeSettings()
+        self.model = model
+        self.tokenizer = ByteTokenizer()
+        self.cache: OrderedDict[int, None] = OrderedDict()  # block hash -> (LRU order)
+        self.subscribers: set[asyncio.Queue] = set()
+        self.running = 0
+        self.waiting = 0
+        self.aborted = 0
+        self.finished = 0
+        self.queries = 0
+        self.hits = 0
+        self.request_ids: list[str] = []
+        self.bodies: list[dict] = []
+        self._slots: asyncio.Semaphore | None = None
+
+    # ---- the prefix cache -------------------------------------------------------------------
+
+    def _lookup_and_store(self, ids: list[int]) -> int:
+        hashes = hash_block_chain(ids, self.s.block_size)
+        hit = 0
+        for h in hashes:
+            if h not in self.cache:
+                break
+            hit += 1
+        for h in hashes[:hit]:
+            self.cache.move_to_end(h)
+        new = hashes[hit:]
+        for h in new:
+            self.cache[h] = None
+        evicted = []
+        while len(self.cache) > self.s.num_blocks:
+            evicted.append(self.cache.popitem(last=False)[0])
+        events = []
+        if new:
+            events.append(
+                {"kind": "stored", "block_hashes": new, "parent_hash": 0, "token_ids": []}
+            )
+        if evicted:
+            events.append({"kind": "removed", "block_hashes": evicted})
+        if events:
+            self._publish(events)
+        self.queries += len(ids)
+        self.hits += hit * self.s.block_size
+        return hit * self.s.block_size
+
+    def _publish(self, events: list[dict]) -> None:
+        batch = {"block_size": self.s.block_size, "events": events}
+        for q in list(self.subscribers):
+            q.put_nowait(batch)
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt_ids: list[int], max_tokens: int, stop: tuple[str, ...]
+    ) -> AsyncIterator[tuple[list[int], str, str | None]]:
+        """(new token ids, text delta, finish reason) per step."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.s.max_concurrent)
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        done = False
+        try:
+            cached = self._lookup_and_store(prompt_ids)
+            if self.s.prefill_s_per_token:
+                await asyncio.sleep(self.s.prefill_s_per_token * (len(prompt_ids) - cached))
+            seq = list(prompt_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, stop)
+            for i in range(max_tokens):
+                if self.s.stall_after_tokens is not None and i >= self.s.stall_after_tokens:
+                    await asyncio.sleep(3600)
+                if self.s.die_after_tokens is not None and i >= self.s.die_after_tokens:
+                    raise ConnectionResetError("fake replica: injected death")
+                await asyncio.sleep(self.s.token_delay_s)
+                token = next_token(seq)
+                seq.append(token)
+                stopped = detok.add_token(token)
+                finish = "stop" if stopped else ("length" if i == max_tokens - 1 else None)
+                yield [token], detok.take_delta(finish is not None), finish
+                if finish:
+                    break
+            self._lookup_and_store(seq)
+            self.finished += 1
+            done = True
+        finally:
+            self.running -= 1
+            self._slots.release()
+            if not done:
+                self.aborted += 1
+
+    # ---- HTTP ---------------------------------------------------------------------------------
+
+    def app(self) -> FastAPI:
+        app = FastAPI(title="fake fleetserve replica")
+        app.state.fake = self
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await self._handle(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            return await self._handle(request, chat=True)
+
+        @app.get("/v1/models")
+        async def models() -> Response:
+            return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+        @app.get("/health")
+        async def health() -> Response:
+            return Response(status_code=self.s.health_status)
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            lines = [
+                f"fleetserve:num_requests_running {self.running}",
+                f"fleetserve:num_requests_waiting {self.waiting}",
+                f"fleetserve:kv_cache_usage_perc {len(self.cache) / self.s.num_blocks}",
+                f"fleetserve:prefix_cache_queries_total {self.queries}",
+                f"fleetserve:prefix_cache_hits_total {self.hits}",
+                f"fleetserve:request_success_total {self.finished}",
+                f"fleetserve:request_aborted_total {self.aborted}",
+            ]
+            return Response("\n".join(lines) + "\n", media_type="text/plain")
+
+        @app.get("/v1/kv_events")
+        async def kv_events() -> Response:
+            queue: asyncio.Queue = asyncio.Queue()
+            self.subscribers.add(queue)
+
+            async def stream() -> AsyncIterator[bytes]:
+                try:
+                    yield b": subscribed\n\n"
+                    while True:
+                        batch = await queue.get()
+                        yield f"data: {json.dumps(batch)}\n\n".encode()
+                finally:
+                    self.subscribers.discard(queue)
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        @app.post("/fake/control")
+        async def control(request: Request) -> Response:
+            for k, v in (await request.json()).items():
+                if not hasattr(self.s, k):
+                    return JSONResponse({"error": f"unknown setting {k}"}, 400)
+                setattr(self.s, k, v)
+            return JSONResponse(vars(self.s))
+
+        return app
+
+    async def _handle(self, request: Request, chat: bool) -> Response:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        body = await request.json()
+        self.request_ids.append(rid)
+        self.bodies.append(body)
+        if self.s.fail_status and self.s.fail_count > 0 and not rid.startswith("probe"):
+            self.s.fail_count -= 1
+            return JSONResponse({"error": {"message": "injected"}}, self.s.fail_status)
+        if chat:
+            prompt_ids = self.tokenizer.apply_chat_template(body["messages"])
+            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        else:
+            prompt = body.get("prompt", "")
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            max_tokens = body.get("max_tokens") or 16
+        stop = body.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        with_ids = bool(body.get("return_token_ids"))
+        headers = {"X-Request-Id": rid}
+        common = {"id": f"cmpl-{rid}", "created": int(time.time()), "model": self.model}
+        gen = self.generate(list(prompt_ids), int(max_tokens), stop)
+        if not body.get("stream"):
+            text, ids, finish = "", [], None
+
+            async def collect() -> None:
+                nonlocal text, ids, finish
+                async for new, delta, last in gen:
+                    ids += new
+                    text += delta
+                    finish = last
+
+            if not await _unless_disconnected(request, collect()):
+                return Response(status_code=499)
+            choice = {"index": 0, "finish_reason": finish}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            if with_ids:
+                choice["token_ids"] = ids
+            out = {
+                **common,
+                "object": "chat.completion" if chat else "text_completion",
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": len(prompt_ids),
+                    "completion_tokens": len(ids),
+                    "total_tokens": len(prompt_ids) + len(ids),
+                },
+            }
+            if with_ids:
+                out["prompt_token_ids"] = prompt_ids
+            return JSONResponse(out, headers=headers)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def stream() -> AsyncIterator[bytes]:
+            n = 0
+            first = True
+            if chat:
+                head = {
+                    **common,
+                    "object": obj,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+                if with_ids:  # like the real server: in the first chunk's choice
+                    head["choices"][0]["prompt_token_ids"] = prompt_ids
+                    head["choices"][0]["token_ids"] = []
+                first = False
+                yield _event(head)
+            async for new, delta, finish in gen:
+                n += len(new)
+                choice = {"index": 0, "finish_reason": finish}
+                if chat:
+                    choice["delta"] = {"content": delta} if delta else {}
+                else:
+                    choice["text"] = delta
+                if with_ids:
+                    choice["token_ids"] = new
+                chunk = {**common, "object": obj, "choices": [choice]}
+                if first and with_ids:
+                    chunk["prompt_token_ids"] = prompt_ids
+                first = False
+                yield _event(chunk)
+            if usage:
+                yield _event(
+                    {
+                        **common,
+                        "object": obj,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": len(prompt_ids),
+                            "completion_tokens": n,
+                            "total_tokens": len(prompt_ids) + n,
+                        },
+                    }
+                )
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+async def _unless_disconnected(request: Request, work) -> bool:
+    """Run `work`; False (and `work` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (task, watcher):
+        t.cancel()
+    await asyncio.gather(task, watcher, return_exceptions=True)
+    return task in done and not task.cancelled()
+
+
+def _event(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token-delay", type=float, default=0.002)
+    parser.add_argument("--prefill-s-per-token", type=float, default=0.0)
+    parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--num-blocks", type=int, default=4096)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    settings = FakeSettings(
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        token_delay_s=args.token_delay,
+        prefill_s_per_token=args.prefill_s_per_token,
+    )
+    uvicorn.run(
+        FakeReplica(settings).app(),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

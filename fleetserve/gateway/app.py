@@ -1,0 +1,136 @@
+"""The gateway's HTTP API: the OpenAI endpoints it forwards, plus health, metrics and a
+small admin API over the replica table."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from fleetserve.gateway.gateway import Gateway
+from fleetserve.gateway.proxy import HttpError, authenticate, handle_generate
+from fleetserve.gateway.replica import Replica, ReplicaKind
+
+
+def create_app(gw: Gateway) -> FastAPI:
+    """The app starts and stops `gw` with its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="fleetserve gateway", lifespan=lifespan)
+    app.state.gateway = gw
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle_generate(gw, request, "/v1/completions", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handle_generate(gw, request, "/v1/chat/completions", chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await handle_generate(gw, request, "/v1/embeddings", chat=False)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            authenticate(gw, request)
+        except HttpError as err:
+            return err.response()
+        ids = sorted({m for r in gw.replicas.values() for m in r.model_ids})
+        data = [{"id": m, "object": "model", "owned_by": "fleetserve"} for m in ids]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/health")
+    async def health() -> Response:
+        accepting = sum(1 for v in gw.views(gw.clock()) if v.accepting)
+        status = 200 if accepting else 503
+        return JSONResponse(
+            {"status": "ok" if accepting else "no replica ready", "replicas_accepting": accepting},
+            status,
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/replicas")
+    async def list_replicas(request: Request) -> Response:
+        try:
+            authenticate(gw, request, admin=True)
+        except HttpError as err:
+            return err.response()
+        return JSONResponse([_describe(gw, gw.replicas[k]) for k in sorted(gw.replicas)])
+
+    @app.post("/admin/replicas")
+    async def add_replica(request: Request) -> Response:
+        try:
+            authenticate(gw, request, admin=True)
+            body = await request.json()
+            kind = ReplicaKind(body.get("kind", "fleetserve"))
+            replica = gw.add_replica(str(body["url"]), kind)
+        except HttpError as err:
+            return err.response()
+        except (ValueError, KeyError, TypeError) as exc:
+            return HttpError(
+                400, f"expected {{'url': ..., 'kind': ...}}: {exc}", "invalid_request_error"
+            ).response()
+        return JSONResponse(_describe(gw, replica), 201)
+
+    @app.post("/admin/replicas/{replica_id}/{action}")
+    async def replica_action(replica_id: str, action: str, request: Request) -> Response:
+        try:
+            authenticate(gw, request, admin=True)
+            replica = _replica_of(gw, replica_id)
+            if action == "drain":
+                gw.set_draining(replica.id, True)
+            elif action == "undrain":
+                gw.set_draining(replica.id, False)
+            elif action == "remove":
+                gw.remove_replica(replica.id)
+            else:
+                raise HttpError(
+                    404, f"unknown action {action!r} (drain, undrain, remove)", "not_found_error"
+                )
+        except HttpError as err:
+            return err.response()
+        return JSONResponse(_describe(gw, replica))
+
+    return app
+
+
+def _replica_of(gw: Gateway, replica_id: str) -> Replica:
+    replica = gw.replicas.get(replica_id)
+    if replica is None:
+        raise HttpError(404, f"no replica {replica_id!r}", "not_found_error")
+    return replica
+
+
+def _describe(gw: Gateway, replica: Replica) -> dict:
+    view = replica.view(gw.clock())
+    return {
+        "id": replica.id,
+        "url": replica.url,
+        "kind": replica.kind.value,
+        "pid": replica.pid,
+        "ready": replica.ready,
+        "down": replica.down,
+        "draining": replica.draining,
+        "accepting": view.accepting,
+        "breaker": view.breaker_state.value,
+        "outstanding": replica.outstanding,
+        "running": replica.load.running,
+        "waiting": replica.load.waiting,
+        "cached_blocks": len(replica.prefix),
+        "models": replica.model_ids,
+    }

@@ -1,0 +1,320 @@
+"""`Gateway`: the replica table and the dispatcher that hands out replica slots.
+
+Fresh requests take a slot on a replica the policy picks (`acquire`), waiting in the bounded
+priority queue while every replica is full. Retries and migrations skip the queue and the
+slot limit (`route_now`): they hold the client's place already. Every request ends with
+`release`, which passes the outcome to the replica's circuit breaker and wakes the queue.
+Background tasks per replica: the active prober and, for fleetserve replicas, the KV-event
+subscriber (see `health` and `kv_events`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from fleetserve.gateway.admission import AdmissionController
+from fleetserve.gateway.api_keys import ApiKeyStore
+from fleetserve.gateway.config import GatewayConfig
+from fleetserve.gateway.dispatch_queue import DispatchQueue, QueueFull
+from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.gateway.policies import make_policy
+from fleetserve.gateway.replica import Replica, ReplicaKind, ReplicaView
+from fleetserve.gateway.route_request import RouteRequest
+from fleetserve.gateway.router import Router
+from fleetserve.gateway.tokenizer import PromptTokenizer
+from fleetserve.gateway.wait_estimator import WaitEstimator
+
+logger = logging.getLogger(__name__)
+
+
+class Shed(Exception):
+    """Refuse with 429 and this Retry-After."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class NoReplica(Exception):
+    """No replica could take the request in time (503)."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's own deadline (X-Request-Timeout) passed before its first byte (504)."""
+
+
+class Outcome(enum.Enum):
+    SUCCESS = "success"  # the replica did its part
+    FAILURE = "failure"  # the replica failed: counts towards opening its circuit
+    NEUTRAL = "neutral"  # no verdict (client left, request invalid)
+
+
+@dataclass(eq=False)
+class Ticket:
+    request: RouteRequest
+    deadline: float | None
+    future: asyncio.Future = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        api_keys: ApiKeyStore | None = None,
+        tokenizer: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        upstream_api_key: str | None = None,
+    ) -> None:
+        """`upstream_api_key`: sent as a bearer token on every call to a replica."""
+        self.config = config
+        self.api_keys = api_keys
+        self.prompts: PromptTokenizer | None = None
+        self.set_tokenizer(tokenizer)
+        self.clock = clock
+        self._upstream_headers = (
+            {"Authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
+        )
+        self.router = Router(
+            make_policy(config.router, config.seed), config.max_outstanding_per_replica
+        )
+        self.admission = AdmissionController()
+        self.queue: DispatchQueue[Ticket] = DispatchQueue(config.max_queue)
+        self.waits = WaitEstimator()
+        self.metrics = GatewayMetrics()
+        self.metrics.watch_replicas(
+            lambda: list(self.replicas.values()), clock, lambda: len(self.queue)
+        )
+        self.replicas: dict[str, Replica] = {}
+        self.client: httpx.AsyncClient | None = None
+        self._ids = itertools.count()
+        self._tasks: dict[str, list[asyncio.Task]] = {}
+        self._changed = asyncio.Event()  # set whenever a replica may have become usable
+        self._started = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.client = httpx.AsyncClient(
+            headers=self._upstream_headers,
+            timeout=httpx.Timeout(None, connect=self.config.connect_timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+        )
+        self._started = True
+        for replica in self.replicas.values():
+            self._start_tasks(replica)
+
+    async def stop(self) -> None:
+        self._started = False
+        tasks = [t for ts in self._tasks.values() for t in ts]
+        self._tasks.clear()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.aclose()
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Prompts are tokenized (prefix routing, exact migrated text) once this is set."""
+        self.prompts = PromptTokenizer(tokenizer) if tokenizer is not None else None
+
+    # ---- the replica table ---------------------------------------------------------------------
+
+    def add_replica(
+        self,
+        url: str,
+        kind: ReplicaKind = ReplicaKind.FLEETSERVE,
+        pid: int | None = None,
+        replica_id: str | None = None,
+    ) -> Replica:
+        replica_id = replica_id or f"r{next(self._ids)}"
+        if replica_id in self.replicas:
+            raise ValueError(f"replica id {replica_id!r} is taken")
+        replica = Replica(replica_id, url, kind, pid, self.config.breaker)
+        self.replicas[replica_id] = replica
+        if self._started:
+            self._start_tasks(replica)
+        logger.info("replica %s added: %s (%s)", replica_id, replica.url, kind.value)
+        return replica
+
+    def remove_replica(self, replica_id: str) -> None:
+        self.replicas.pop(replica_id, None)
+        for t in self._tasks.pop(replica_id, []):
+            t.cancel()
+
+    def mark_down(self, replica_id: str) -> None:
+        """Its process is gone: no new work, and its mirrored cache is void."""
+        replica = self.replicas.get(replica_id)
+        if replica is not None:
+            replica.down = True
+            replica.ready = False
+            replica.prefix.clear()
+
+    def mark_up(self, replica_id: str, url: str, pid: int | None = None) -> None:
+        """A (re)started process at `url`: clean slate; work flows once a probe passes."""
+        replica = self.replicas[replica_id]
+        replica.url, replica.pid = url.rstrip("/"), pid
+        replica.down = False
+        replica.breaker.reset()
+        replica.prefix.clear()
+        for t in self._tasks.pop(replica_id, []):
+            t.cancel()
+        if self._started:
+            self._start_tasks(replica)
+
+    def set_draining(self, replica_id: str, draining: bool) -> None:
+        self.replicas[replica_id].draining = draining
+        self.notify_changed()
+
+    def _start_tasks(self, replica: Replica) -> None:
+        from fleetserve.gateway.health import probe_loop
+        from fleetserve.gateway.kv_events import kv_event_loop
+
+        tasks = [asyncio.create_task(probe_loop(self, replica), name=f"probe-{replica.id}")]
+        if replica.supports_extensions:
+            tasks.append(asyncio.create_task(kv_event_loop(self, replica), name=f"kv-{replica.id}"))
+        self._tasks[replica.id] = tasks
+
+    def views(self, now: float) -> list[ReplicaView]:
+        return [r.view(now) for r in self.replicas.values()]
+
+    def any_accepting(self) -> bool:
+        now = self.clock()
+        return any(v.accepting for v in self.views(now))
+
+    def notify_changed(self) -> None:
+        """A replica may have become usable: serve the queue, wake waiting retries."""
+        self._pump()
+        self._changed.set()
+
+    # ---- dispatch ----------------------------------------------------------------------------
+
+    def _try_route(self, request: RouteRequest, ignore_capacity: bool) -> Replica | None:
+        now = self.clock()
+        view = self.router.route(request, self.views(now), now, ignore_capacity)
+        if view is None:
+            return None
+        replica = self.replicas[view.id]
+        replica.outstanding += 1
+        replica.prefilling[request.request_id] = request.uncached_tokens(view.prefix)
+        replica.breaker.on_dispatch(now)
+        self.metrics.routed.labels(self.config.router, replica.id).inc()
+        return replica
+
+    async def acquire(self, request: RouteRequest, deadline: float | None) -> Replica:
+        """A slot for a fresh request. Raises `Shed` when the queue is full or the predicted
+        wait passes the deadline, and when the deadline passes while it waits."""
+        if not len(self.queue):
+            replica = self._try_route(request, ignore_capacity=False)
+            if replica is not None:
+                return replica
+        now = self.clock()
+        ahead = self.queue.ahead_of(request.priority_rank)
+        slots = self.router.total_slots(self.views(now))
+        predicted = self.waits.predict_wait(ahead, slots)
+        if deadline is not None and now + predicted > deadline:
+            retry = predicted if math.isfinite(predicted) else self.config.breaker_cooldown_s
+            raise Shed("predicted_wait", retry)
+        ticket = Ticket(request, deadline)
+        try:
+            displaced = self.queue.push(ticket, request.priority_rank)
+        except QueueFull:
+            raise Shed("queue_full", predicted if math.isfinite(predicted) else 1.0) from None
+        if displaced is not None and not displaced.future.done():
+            displaced.future.set_exception(Shed("displaced", 1.0))
+        limit = self.config.first_chunk_timeout_s if deadline is None else deadline - now
+        granted = False
+        try:
+            async with asyncio.timeout(max(limit, 0.0)):
+                replica = await ticket.future
+            granted = True
+            return replica
+        except TimeoutError:
+            if _granted(ticket.future):  # just as the deadline passed
+                granted = True
+                return ticket.future.result()
+            if not self.any_accepting():
+                raise NoReplica("no replica became ready in time") from None
+            retry = self.waits.predict_wait(len(self.queue), max(slots, 1))
+            raise Shed("deadline", retry) from None
+        finally:
+            self.queue.remove(ticket)
+            self.metrics.queue_wait.observe(self.clock() - now)
+            if not granted and _granted(ticket.future):  # the waiter was cancelled
+                self.release(ticket.future.result(), Outcome.NEUTRAL, None, request.request_id)
+
+    async def route_now(self, request: RouteRequest, deadline: float | None) -> Replica:
+        """A replica for a retry or a migration, waiting up to `replica_wait_s` (and the
+        deadline) for one to accept work. Excluded replicas are used only as a last resort."""
+        limit = self.config.replica_wait_s
+        end = self.clock() + limit if deadline is None else min(self.clock() + limit, deadline)
+        while True:
+            replica = self._try_route(request, ignore_capacity=True)
+            if replica is None and request.exclude:
+                bare = dataclasses.replace(request, exclude=frozenset())
+                replica = self._try_route(bare, ignore_capacity=True)
+            if replica is not None:
+                return replica
+            remaining = end - self.clock()
+            if remaining <= 0:
+                raise NoReplica("no replica accepts work")
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 0.25)):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+
+    def prefill_done(self, replica: Replica, request_id: str) -> None:
+        """The request's first token arrived: its prompt no longer weighs on the replica."""
+        replica.prefilling.pop(request_id, None)
+
+    def release(
+        self,
+        replica: Replica,
+        outcome: Outcome,
+        held_s: float | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        now = self.clock()
+        replica.outstanding = max(replica.outstanding - 1, 0)
+        if request_id is not None:
+            replica.prefilling.pop(request_id, None)
+        if outcome is Outcome.SUCCESS:
+            replica.breaker.record_success(now)
+            if held_s is not None:
+                self.waits.observe(held_s)
+        elif outcome is Outcome.FAILURE:
+            replica.breaker.record_failure(now)
+        else:
+            replica.breaker.record_neutral(now)
+        self._pump()
+
+    def _pump(self) -> None:
+        while len(self.queue):
+            ticket = self.queue.peek()
+            if ticket.future.done():
+                self.queue.pop()
+                continue
+            replica = self._try_route(ticket.request, ignore_capacity=False)
+            if replica is None:
+                return
+            self.queue.pop()
+            ticket.future.set_result(replica)
+
+
+def _granted(future: asyncio.Future) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None

@@ -1,0 +1,110 @@
+"""Active health probes: every `probe_interval_s`, each replica must generate one token.
+
+A ping proves the HTTP server is up; one token proves the engine behind it runs. A fleetserve
+replica's `/health` is asked first (503 means not ready: loading, draining, engine dead) and
+its `/metrics` are scraped for load. A probe that times out while the replica is visibly
+streaming tokens to this gateway is not held against it (it is busy, not broken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from fleetserve.gateway.replica import LoadStats, Replica
+
+if TYPE_CHECKING:
+    from fleetserve.gateway.gateway import Gateway
+
+logger = logging.getLogger(__name__)
+
+PROBE_PROMPT = "Hello"
+
+
+async def probe_loop(gw: Gateway, replica: Replica) -> None:
+    while True:
+        try:
+            await probe_once(gw, replica)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not silence the probes
+            logger.exception("probe of replica %s crashed", replica.id)
+        await asyncio.sleep(gw.config.probe_interval_s)
+
+
+async def probe_once(gw: Gateway, replica: Replica) -> bool:
+    """Probe now; updates `replica.ready`, its breaker and its load. Returns the verdict."""
+    client = gw.client
+    timeout = gw.config.probe_timeout_s
+    ok, why = False, ""
+    try:
+        async with asyncio.timeout(timeout):
+            if replica.supports_extensions:
+                health = await client.get(f"{replica.url}/health")
+                if health.status_code != 200:
+                    raise _NotReady(f"/health answered {health.status_code}")
+            if not replica.model_ids:
+                models = await client.get(f"{replica.url}/v1/models")
+                if models.status_code == 200:
+                    replica.model_ids = [m["id"] for m in models.json().get("data", [])]
+            body = {"prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0.0, "stream": False}
+            if replica.model_ids:
+                body["model"] = replica.model_ids[0]
+            answer = await client.post(
+                f"{replica.url}/v1/completions",
+                json=body,
+                headers={"X-Request-Id": f"probe-{uuid.uuid4().hex[:12]}"},
+            )
+            if answer.status_code != 200:
+                raise _NotReady(f"one-token generation answered {answer.status_code}")
+            ok = True
+            if replica.supports_extensions:
+                replica.load = await scrape_load(client, replica.url)
+    except TimeoutError:
+        why = f"no answer within {timeout:.1f}s"
+    except (_NotReady, httpx.HTTPError, ValueError, KeyError) as exc:
+        why = str(exc) or type(exc).__name__
+    now = gw.clock()
+    was_ready = replica.ready
+    if ok:
+        replica.ready = True
+        replica.breaker.record_success(now)
+    elif (
+        why.startswith("no answer") and replica.outstanding and replica.busy_recently(now, timeout)
+    ):
+        logger.info("probe of busy replica %s timed out; not held against it", replica.id)
+        return replica.ready
+    else:
+        replica.ready = False
+        replica.breaker.record_failure(now)
+    if was_ready != replica.ready:
+        level = logging.INFO if replica.ready else logging.WARNING
+        logger.log(level, "replica %s %s%s", replica.id, "ready" if ok else "not ready: ", why)
+    gw.notify_changed()
+    return ok
+
+
+class _NotReady(Exception):
+    pass
+
+
+async def scrape_load(client: httpx.AsyncClient, url: str) -> LoadStats:
+    """Running/waiting requests and KV usage from a fleetserve replica's /metrics."""
+    resp = await client.get(f"{url}/metrics")
+    stats = LoadStats()
+    if resp.status_code != 200:
+        return stats
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            if sample.name == "fleetserve:num_requests_running":
+                stats.running += int(sample.value)
+            elif sample.name == "fleetserve:num_requests_waiting":
+                stats.waiting += int(sample.value)
+            elif sample.name == "fleetserve:kv_cache_usage_perc":
+                stats.kv_cache_usage = float(sample.value)
+    return stats

@@ -1,0 +1,50 @@
+"""Mirrors a fleetserve replica's prefix cache from its `GET /v1/kv_events` stream.
+
+On every (re)connection the mirror starts empty: events missed while disconnected cannot be
+replayed, and an empty mirror only under-predicts hits (a safe error for routing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING
+
+import httpx
+
+from fleetserve.gateway.replica import Replica
+from fleetserve.gateway.sse import iter_sse_data
+
+if TYPE_CHECKING:
+    from fleetserve.gateway.gateway import Gateway
+
+logger = logging.getLogger(__name__)
+
+RECONNECT_MIN_S = 0.2
+RECONNECT_MAX_S = 5.0
+
+
+async def kv_event_loop(gw: Gateway, replica: Replica) -> None:
+    delay = RECONNECT_MIN_S
+    while True:
+        try:
+            async with gw.client.stream("GET", f"{replica.url}/v1/kv_events") as resp:
+                if resp.status_code == 404:
+                    logger.warning(
+                        "replica %s publishes no KV events; prefix routing is blind to it",
+                        replica.id,
+                    )
+                    return
+                if resp.status_code == 200:
+                    replica.prefix.clear()
+                    delay = RECONNECT_MIN_S
+                    async for data in iter_sse_data(resp.aiter_lines()):
+                        replica.prefix.apply(json.loads(data))
+        except asyncio.CancelledError:
+            raise
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.debug("KV events of replica %s: %s", replica.id, exc)
+        replica.prefix.clear()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RECONNECT_MAX_S)

@@ -1,0 +1,96 @@
+"""A replica as the gateway sees it: mutable `Replica` state owned by the gateway, and the
+frozen `ReplicaView` snapshots that routing policies read."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from fleetserve.gateway.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
+from fleetserve.gateway.prefix_index import EMPTY_PREFIX, PrefixIndex, PrefixView
+
+
+class ReplicaKind(enum.Enum):
+    FLEETSERVE = "fleetserve"  # speaks our extensions: token ids, KV events, metrics
+    OPENAI = "openai"  # any OpenAI-compatible server: no migration, no prefix index
+
+
+@dataclass
+class LoadStats:
+    """Scraped from the replica's /metrics (fleetserve replicas only)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+
+@dataclass
+class Replica:
+    id: str
+    url: str
+    kind: ReplicaKind = ReplicaKind.FLEETSERVE
+    pid: int | None = None
+    breaker_config: BreakerConfig = field(default_factory=BreakerConfig)
+    # ready: the last active probe passed (a new replica is not ready until one does).
+    ready: bool = False
+    draining: bool = False
+    down: bool = False  # its process is known to be gone (supervisor)
+    outstanding: int = 0  # requests this gateway has in flight on it
+    # request id -> prompt tokens it still has to prefill here (estimated when routed),
+    # for requests that have not produced a token yet
+    prefilling: dict[str, int] = field(default_factory=dict)
+    load: LoadStats = field(default_factory=LoadStats)
+    model_ids: list[str] = field(default_factory=list)
+    last_progress: float = float("-inf")  # when this gateway last received a chunk from it
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self.breaker = CircuitBreaker(self.breaker_config)
+        self.prefix = PrefixIndex()
+
+    @property
+    def supports_extensions(self) -> bool:
+        return self.kind is ReplicaKind.FLEETSERVE
+
+    def busy_recently(self, now: float, window_s: float) -> bool:
+        return now - self.last_progress < window_s
+
+    def healthy(self, now: float) -> bool:
+        return self.ready and not self.down and self.breaker.state(now) is not BreakerState.OPEN
+
+    def view(self, now: float) -> ReplicaView:
+        return ReplicaView(
+            id=self.id,
+            url=self.url,
+            kind=self.kind,
+            outstanding=self.outstanding,
+            running=self.load.running,
+            waiting=self.load.waiting,
+            kv_cache_usage=self.load.kv_cache_usage,
+            healthy=self.healthy(now),
+            accepting=self.ready
+            and not self.down
+            and not self.draining
+            and self.breaker.allows(now),
+            draining=self.draining,
+            breaker_state=self.breaker.state(now),
+            prefix=PrefixView(self.prefix) if self.supports_extensions else EMPTY_PREFIX,
+            pending_prefill_tokens=sum(self.prefilling.values()),
+        )
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    id: str
+    url: str
+    kind: ReplicaKind
+    outstanding: int
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    healthy: bool
+    accepting: bool  # healthy, not draining, and the breaker lets a request through now
+    draining: bool
+    breaker_state: BreakerState
+    prefix: PrefixView
+    pending_prefill_tokens: int = 0  # prompt tokens routed here and not yet prefilled

@@ -1,0 +1,78 @@
+"""Running the gateway app under uvicorn, with our own signal handling: SIGTERM and SIGINT
+stop the server (and whatever else the caller runs alongside) instead of killing the process
+before its children are stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+logger = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # signals are the caller's (see `serve_app`)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free one), bound before anything slow starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_app(
+    app: FastAPI,
+    sock: socket.socket,
+    on_stop: Callable[[], None] | None = None,
+    graceful_s: float = 10.0,
+) -> None:
+    """Serve until SIGTERM/SIGINT (then `on_stop()` is called) or until cancelled."""
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(graceful_s),
+        timeout_keep_alive=30,
+    )
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+
+    def stop(sig: signal.Signals) -> None:
+        logger.info("%s: shutting down", sig.name)
+        server.should_exit = True
+        if on_stop is not None:
+            on_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run(main) -> None:
+    """Run the coroutine `main` on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)

@@ -1,0 +1,261 @@
+"""One streamed response: retries before the first event, migration after it.
+
+```
+open():  acquire a replica ─▶ POST (stream) ─▶ first event ──▶ HTTP 200 starts
+              ▲   retry on another replica,        │
+              └── backoff, while nothing was sent ◀┘ failure
+body():  events ─▶ client ... replica dies / stalls / sends an error
+              ─▶ continuation on another replica (prompt ids + tokens sent so far)
+              ─▶ its chunks re-wrapped as the client's stream ... [DONE]
+```
+
+The bookkeeping of what the client got, and the rewriting of events, is `StreamState`'s
+(pure); this file does the I/O around it. Only single-choice streams (n == 1) from
+fleetserve replicas migrate; others end with an error event when their replica fails
+mid-stream. A client that leaves closes the upstream response, which aborts the request on
+the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+
+from fleetserve.gateway.context import RequestContext
+from fleetserve.gateway.gateway import DeadlineExceeded, Gateway, NoReplica, Outcome, Shed
+from fleetserve.gateway.replica import Replica
+from fleetserve.gateway.sse import DONE_EVENT, encode_event, error_body
+from fleetserve.gateway.stream_state import StreamState
+from fleetserve.gateway.upstream import UpstreamError, UpstreamStream, open_stream
+
+logger = logging.getLogger(__name__)
+
+CLEANUP_TIMEOUT_S = 5.0
+
+
+class Unrecoverable(Exception):
+    """The stream broke after its first byte and cannot be continued."""
+
+
+class StreamSession:
+    def __init__(self, gw: Gateway, ctx: RequestContext) -> None:
+        self.gw = gw
+        self.ctx = ctx
+        self.state = StreamState(ctx.body, ctx.chat, ctx.request_id)
+        self.replica: Replica | None = None
+        self.upstream: UpstreamStream | None = None
+        self.attempt = 0  # upstream calls so far, retries and continuations included
+        self.attempt_started = 0.0
+        self.events_this_attempt = 0
+        self.retries = 0
+        self.migrations = 0
+        self.status = "200"
+
+    # ---- before the first byte ---------------------------------------------------------------
+
+    async def open(self) -> list[bytes]:
+        """Events to send first; the HTTP response has not started yet. Raises `Shed`,
+        `NoReplica`, `DeadlineExceeded` or `UpstreamError` when no replica could start the
+        stream (the session is closed by then)."""
+        try:
+            replica = await self.gw.acquire(self.ctx.route, self.ctx.deadline)
+            while True:
+                try:
+                    return await self._start(replica, self.ctx.endpoint, self._first_body(replica))
+                except UpstreamError as exc:
+                    await self._detach(Outcome.FAILURE if exc.retryable else Outcome.NEUTRAL)
+                    self.ctx.exclude.add(replica.id)
+                    if self._past_deadline():
+                        raise DeadlineExceeded(str(exc)) from exc
+                    if not exc.retryable or self.retries >= self.gw.config.max_retries:
+                        raise
+                    self.retries += 1
+                    self.gw.metrics.retries.labels(exc.reason).inc()
+                    logger.info(
+                        "request %s: retry %d after %s", self.ctx.request_id, self.retries, exc
+                    )
+                    await asyncio.sleep(self.gw.config.backoff(self.retries))
+                    replica = await self.gw.route_now(self.ctx.route_request(), self.ctx.deadline)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._close(ok=False, status=failure_status(exc))
+            raise
+
+    def _first_body(self, replica: Replica) -> dict:
+        body = dict(self.ctx.body)
+        if self.state.n == 1 and replica.supports_extensions:
+            body["return_token_ids"] = True
+        return body
+
+    async def _start(self, replica: Replica, path: str, body: dict) -> list[bytes]:
+        """Open a stream on `replica`; for the original request, read its first event too."""
+        self.replica = replica
+        self.attempt += 1
+        self.attempt_started = self.gw.clock()
+        self.events_this_attempt = 0
+        timeout = self._timeout(self.gw.config.first_chunk_timeout_s)
+        headers = self.ctx.upstream_headers(self.attempt - 1)
+        self.upstream = await open_stream(
+            self.gw.client, f"{replica.url}{path}", body, headers, timeout
+        )
+        if self.state.continuing:
+            return []
+        data = await self.upstream.next_event(timeout)
+        if data is None:
+            raise UpstreamError("the stream ended before its first event")
+        return self._on_event(data)
+
+    async def _detach(self, outcome: Outcome) -> None:
+        upstream, self.upstream = self.upstream, None
+        replica, self.replica = self.replica, None
+        if upstream is not None:
+            with anyio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+                await upstream.aclose()
+        if replica is not None:
+            held = self.gw.clock() - self.attempt_started
+            self.gw.release(replica, outcome, held, self.ctx.request_id)
+
+    # ---- the stream --------------------------------------------------------------------------
+
+    async def body(self, first: list[bytes]) -> AsyncIterator[bytes]:
+        try:
+            for event in first:
+                yield event
+            while not self.state.done:
+                for event in await self._next_events():
+                    yield event
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close(ok=self.state.done)
+
+    async def _next_events(self) -> list[bytes]:
+        try:
+            if self._past_deadline():
+                return self._fail("the request's deadline passed", "timeout", 504)
+            config = self.gw.config
+            wait = (
+                config.stall_timeout_s if self.events_this_attempt else config.first_chunk_timeout_s
+            )
+            data = await self.upstream.next_event(self._timeout(wait))
+            if data is None:
+                raise UpstreamError("the stream ended before [DONE]")
+            return self._on_event(data)
+        except UpstreamError as exc:
+            if self._past_deadline():
+                return self._fail("the request's deadline passed", "timeout", 504)
+            try:
+                return await self._migrate(exc)
+            except Unrecoverable as why:
+                self.gw.metrics.migration_failures.inc()
+                return self._fail(str(why), "upstream_error", 502)
+
+    def _on_event(self, data: str) -> list[bytes]:
+        self.events_this_attempt += 1
+        self.replica.last_progress = self.gw.clock()
+        had_token = self.state.token_sent
+        events = self.state.on_event(data)
+        if self.state.token_sent and not had_token:
+            self.gw.metrics.ttft.observe(self.gw.clock() - self.ctx.arrival)
+        if self.state.token_sent:
+            self.gw.prefill_done(self.replica, self.ctx.request_id)
+        return events
+
+    def _timeout(self, wait: float) -> float:
+        remaining = self.ctx.remaining(self.gw.clock())
+        return wait if remaining is None else max(min(wait, remaining), 0.001)
+
+    def _past_deadline(self) -> bool:
+        remaining = self.ctx.remaining(self.gw.clock())
+        return remaining is not None and remaining <= 0
+
+    def _fail(self, message: str, err_type: str, code: int) -> list[bytes]:
+        """End the stream with an error event (the status is 200 already)."""
+        logger.warning("request %s: %s", self.ctx.request_id, message)
+        self.status = str(code)
+        self.state.done = True
+        return [encode_event(error_body(message, err_type, code)), DONE_EVENT]
+
+    # ---- migration ---------------------------------------------------------------------------
+
+    async def _migrate(self, exc: UpstreamError) -> list[bytes]:
+        """Continue on another replica. Returns events to send now (none, usually: the new
+        upstream's follow). Raises Unrecoverable."""
+        failed = self.replica
+        await self._detach(Outcome.FAILURE)
+        if failed is None:
+            raise Unrecoverable(f"the stream broke: {exc}")
+        self.ctx.exclude.add(failed.id)
+        logger.warning(
+            "request %s: replica %s failed mid-stream (%s)", self.ctx.request_id, failed.id, exc
+        )
+        if not (failed.supports_extensions and self.state.can_continue):
+            raise Unrecoverable(f"the stream broke and cannot be continued: {exc}")
+        tokenizer = self.gw.prompts.tokenizer if self.gw.prompts is not None else None
+        while True:
+            if self.migrations >= self.gw.config.max_migrations:
+                raise Unrecoverable(f"the stream broke {self.migrations + 1} times: {exc}")
+            self.migrations += 1
+            self.gw.metrics.migrations.labels(exc.reason).inc()
+            body = self.state.continue_with(tokenizer)
+            if isinstance(body, list):
+                return body  # nothing left to generate
+            try:
+                request = self.ctx.route_request(needs_extensions=True)
+                replica = await self.gw.route_now(request, self.ctx.deadline)
+            except NoReplica as why:
+                raise Unrecoverable(f"no replica to continue the stream on: {why}") from None
+            sent = len(self.state.generated.get(0, ()))
+            logger.info(
+                "request %s: continuing on replica %s after %d tokens",
+                self.ctx.request_id,
+                replica.id,
+                sent,
+            )
+            try:
+                return await self._start(replica, "/v1/completions", body)
+            except UpstreamError as again:
+                await self._detach(Outcome.FAILURE if again.retryable else Outcome.NEUTRAL)
+                self.ctx.exclude.add(replica.id)
+                if not again.retryable:
+                    raise Unrecoverable(f"the continuation was refused: {again}") from None
+                exc = again
+                await asyncio.sleep(self.gw.config.backoff(self.migrations))
+
+    # ---- the end -----------------------------------------------------------------------------
+
+    async def _close(self, ok: bool, status: str | None = None) -> None:
+        """`ok`: the stream reached its end; otherwise the client left (or, with `status`,
+        the stream never started)."""
+        if status is not None:
+            self.status = status
+        elif not ok:
+            self.status = "499"
+            self.gw.metrics.disconnects.inc()
+            logger.info(
+                "request %s: client left; closing its upstream request", self.ctx.request_id
+            )
+        if self.replica is not None:
+            await self._detach(Outcome.SUCCESS if ok else Outcome.NEUTRAL)
+        now = self.gw.clock()
+        used = None
+        if self.state.prompt_ids is not None:
+            used = len(self.state.prompt_ids) + sum(len(g) for g in self.state.generated.values())
+        self.gw.admission.release(self.ctx.key, self.ctx.charged_tokens, used, now)
+        self.gw.metrics.e2e.observe(now - self.ctx.arrival)
+        self.gw.metrics.requests.labels(self.ctx.endpoint, self.status).inc()
+
+
+def failure_status(exc: BaseException) -> str:
+    """The HTTP status of a request that failed before its first byte (for metrics)."""
+    if isinstance(exc, Shed):
+        return "429"
+    if isinstance(exc, NoReplica):
+        return "503"
+    if isinstance(exc, DeadlineExceeded):
+        return "504"
+    if isinstance(exc, UpstreamError):
+        return str(exc.status) if exc.status and not exc.retryable else "502"
+    return "499"

@@ -1,0 +1,127 @@
+"""One HTTP call to a replica: open a streamed response and read its events with timeouts,
+or make a plain request. Every failure becomes an `UpstreamError` that says whether another
+replica may be tried."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+
+from fleetserve.gateway.sse import iter_sse_data
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+class UpstreamError(Exception):
+    """`retryable`: the replica failed (not the request), so another one may succeed.
+    `status`/`body`: the replica's own error response, passed on when not retryable."""
+
+    def __init__(
+        self, message: str, retryable: bool = True, status: int | None = None, body: bytes = b""
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+        self.body = body
+        self.reason = "stall" if isinstance(self, UpstreamStall) else "error"
+
+
+class UpstreamStall(UpstreamError):
+    """No event within the timeout; the replica may be alive but stuck."""
+
+
+def is_retryable_status(status: int) -> bool:
+    return status >= 500 or status in (408, 429)
+
+
+class UpstreamStream:
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._events: AsyncIterator[str] = iter_sse_data(response.aiter_lines())
+
+    async def next_event(self, timeout_s: float) -> str | None:
+        """The next event's data, or None at the end of the stream."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await anext(self._events)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise UpstreamStall(f"no event for {timeout_s:.1f}s") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"stream broke: {type(exc).__name__}: {exc}") from None
+
+    async def aclose(self) -> None:
+        # Closing a response that was not read to its end closes the connection, which is
+        # how the replica learns to abort the request.
+        await self.response.aclose()
+
+
+async def open_stream(
+    client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str], timeout_s: float
+) -> UpstreamStream:
+    request = client.build_request("POST", url, json=body, headers=headers)
+    try:
+        async with asyncio.timeout(timeout_s):
+            response = await client.send(request, stream=True)
+    except TimeoutError:
+        raise UpstreamStall(f"no response headers within {timeout_s:.1f}s") from None
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
+    if response.status_code != 200:
+        try:
+            content = await _read_limited(response)
+        finally:
+            await response.aclose()
+        raise UpstreamError(
+            f"replica answered {response.status_code}",
+            retryable=is_retryable_status(response.status_code),
+            status=response.status_code,
+            body=content,
+        )
+    return UpstreamStream(response)
+
+
+async def post_json(
+    client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str], timeout_s: float
+) -> httpx.Response:
+    """A non-streamed call; returns 2xx and non-retryable answers, raises otherwise."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            response = await client.post(url, json=body, headers=headers)
+    except TimeoutError:
+        raise UpstreamStall(f"no answer within {timeout_s:.1f}s") from None
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
+    if response.status_code != 200 and is_retryable_status(response.status_code):
+        raise UpstreamError(
+            f"replica answered {response.status_code}",
+            status=response.status_code,
+            body=response.content[:MAX_ERROR_BODY],
+        )
+    return response
+
+
+async def _read_limited(response: httpx.Response) -> bytes:
+    out = bytearray()
+    async for chunk in response.aiter_bytes():
+        out += chunk
+        if len(out) >= MAX_ERROR_BODY:
+            break
+    return bytes(out[:MAX_ERROR_BODY])
+
+
+def error_payload(data: str) -> dict | None:
+    """The error object of an in-stream error event, if `data` is one."""
+    if '"error"' not in data:
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and "error" in obj and not obj.get("choices"):
+        return obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+    return None
