@@ -60,8 +60,10 @@ class TorchAttention(AttentionBackend):
         return out.transpose(0, 1).reshape(nd, num_heads, head_dim)
 
     def _prefill(self, q, k, v, kv_cache, meta: AttentionMetadata, i: int, scale: float):
+        """One sequence's chunk. Inputs get a batch dim of 1: SDPA takes its fast (flash)
+        CPU kernel only for 4-D inputs."""
         q_len, seq_len = q.shape[0], meta.seq_lens[i]
-        q = q.transpose(0, 1)  # [H, q_len, D]
+        q = q.transpose(0, 1)[None]  # [1, H, q_len, D]
         if seq_len > q_len:  # earlier tokens (a prefix hit or earlier chunks) are in the cache
             num_kv_heads, head_dim = kv_cache.shape[1], kv_cache.shape[4]
             num_blocks = -(-seq_len // meta.block_size)
@@ -72,15 +74,11 @@ class TorchAttention(AttentionBackend):
             rows = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
             mask = torch.arange(seq_len, device=q.device)[None, :] <= rows
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
+                q, k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True
             )
         else:
             out = F.scaled_dot_product_attention(
-                q,
-                k.transpose(0, 1),
-                v.transpose(0, 1),
-                is_causal=True,
-                scale=scale,
-                enable_gqa=True,
+                q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True,
+                scale=scale, enable_gqa=True,
             )
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)
