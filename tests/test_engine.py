@@ -257,3 +257,13 @@ def test_smollm2_gguf_matches_transformers_gguf_loading(smollm2_gguf):
         expected, _ = hf_greedy(hf, out.prompt_token_ids, 16)
         assert out.outputs[0].token_ids == expected
     assert "Paris" in outs[0].outputs[0].text
+
+
+def test_out_of_vocab_ids_are_errors_not_crashes(llm):
+    vocab = llm.engine.model_config.vocab_size
+    bad_prompt = llm.generate([[1, 2, vocab]], greedy(), use_tqdm=False)[0]
+    assert bad_prompt.outputs[0].finish_reason == "error" and "prompt token ids" in bad_prompt.error
+    params = greedy(min_tokens=2, stop_token_ids=[vocab + 5])
+    bad_stop = llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]
+    assert bad_stop.outputs[0].finish_reason == "error" and "stop_token_ids" in bad_stop.error
+    assert_all_blocks_free(llm)

@@ -98,15 +98,13 @@ class EngineCore:
         if req.sampling_params.n != 1:
             raise ValueError("the engine core takes n=1; the front end fans out n > 1")
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in req.prompt_token_ids):
-            return [
-                EngineCoreOutput(
-                    req.request_id,
-                    [],
-                    finish_reason="error",
-                    error=f"prompt token ids must be in [0, {vocab})",
-                )
-            ]
+        for what, ids in (
+            ("prompt token ids", req.prompt_token_ids),
+            ("stop_token_ids", req.sampling_params.stop_token_ids),
+        ):
+            if any(not 0 <= t < vocab for t in ids):
+                error = f"{what} must be in [0, {vocab})"
+                return [EngineCoreOutput(req.request_id, [], finish_reason="error", error=error)]
         request = Request(
             req.request_id,
             list(req.prompt_token_ids),
