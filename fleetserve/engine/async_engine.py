@@ -234,11 +234,8 @@ class AsyncEngine:
             if self.ready:  # still loading: nothing to finish, and it may not listen yet
                 self._send("shutdown", None)
                 await asyncio.to_thread(proc.join, 5)
-            if proc.is_alive():
-                logger.info("terminating the engine core process")
-                proc.terminate()
-                await asyncio.to_thread(proc.join, 5)
-            if proc.is_alive():
+            if proc.is_alive():  # the core ignores SIGTERM (see core_proc): kill it
+                logger.info("killing the engine core process")
                 proc.kill()
                 await asyncio.to_thread(proc.join, 5)
         self._fail_all(EngineDeadError("the engine is shutting down"))

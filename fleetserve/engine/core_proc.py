@@ -90,7 +90,11 @@ def run_engine_core(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s"
     )
     # Ctrl+C reaches the whole process group; the API server decides when the core stops.
+    # Likewise SIGTERM sent to the whole group (as supervisors and `kill -- -PGID` do): the
+    # server drains first and then shuts the core down; the core exits on its own if the
+    # server process is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(input_addr)
