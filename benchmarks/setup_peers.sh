@@ -134,4 +134,13 @@ fi
 log "checking that aiperf starts its CLI"
 "$PEERS/aiperf/bin/aiperf" --version >/dev/null
 
-log "done: .peers/vllm, .peers/vllm_serve.py, .peers/hf, .peers/aiperf"
+# --- guidellm (a second client for the cross-check) ---------------------------------------
+if [ ! -f "$PEERS/guidellm/.installed" ]; then
+    log "building .peers/guidellm"
+    new_venv "$PEERS/guidellm"
+    "$PEERS/guidellm/bin/python" -m pip install --quiet "guidellm==0.8.1"
+    check_torch "$PEERS/guidellm"
+    touch "$PEERS/guidellm/.installed"
+fi
+
+log "done: .peers/vllm, .peers/vllm_serve.py, .peers/hf, .peers/aiperf, .peers/guidellm"
