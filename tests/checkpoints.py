@@ -3,8 +3,9 @@
 ``build_tiny_checkpoints(folder)`` writes one HF folder per architecture (config.json,
 model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json), fp32,
 hidden 64, 2 layers, 4 heads, 2 KV heads, vocab = the tokenizer's 512 tokens. Weights are drawn
-wider than transformers' init (std 0.1, 0.3 for embeddings, norms around 1, non-zero biases) so that logits are
-spread out (std ~2: greedy decoding does not hinge on 1e-6 differences) and every tensor matters.
+wider than transformers' init (std 0.1, 0.3 for embeddings, norms around 1, non-zero biases)
+so that logits are spread out (std ~2: greedy decoding does not hinge on 1e-6 differences)
+and every tensor matters.
 
 ``write_gguf(hf_folder, path)`` converts one of them to an F32 GGUF file the way llama.cpp's
 converter does (tensor names from ``gguf``'s name map, Q/K rows permuted for Llama).

@@ -251,8 +251,9 @@ def test_smollm2_gguf_matches_transformers_gguf_loading(smollm2_gguf):
         "Name three primary colors.",
         "Write a haiku about the sea.",
     ]
-    outs = llm.chat([[{"role": "user", "content": q}] for q in questions], greedy(16),
-                    use_tqdm=False)
+    outs = llm.chat(
+        [[{"role": "user", "content": q}] for q in questions], greedy(16), use_tqdm=False
+    )
     for out in outs:
         expected, _ = hf_greedy(hf, out.prompt_token_ids, 16)
         assert out.outputs[0].token_ids == expected

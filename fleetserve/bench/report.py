@@ -104,7 +104,8 @@ def summary_table(report: dict[str, Any]) -> str:
         ("requests without usage", fmt(usage["requests_without_usage"])),
         (
             "usage mismatches (prompt / completion)",
-            f"{fmt(usage['prompt_token_mismatches'])} / {fmt(usage['completion_token_mismatches'])}",
+            f"{fmt(usage['prompt_token_mismatches'])} / "
+            f"{fmt(usage['completion_token_mismatches'])}",
         ),
     ]
     first = markdown_table(["metric", "value"], scalars)

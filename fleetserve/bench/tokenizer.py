@@ -38,7 +38,8 @@ class TextSource(Protocol):
         ...
 
     def count_prompt(self, text: str) -> int:
-        """Tokens of a completions prompt as a server encodes it (with BOS if the model adds one)."""
+        """Tokens of a completions prompt as a server encodes it (with BOS if the model adds
+        one)."""
         ...
 
     def count_chat(self, messages: list[dict[str, str]]) -> int | None:

@@ -78,7 +78,11 @@ class TorchAttention(AttentionBackend):
             )
         else:
             out = F.scaled_dot_product_attention(
-                q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True,
-                scale=scale, enable_gqa=True,
+                q,
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                scale=scale,
+                enable_gqa=True,
             )
         return out[0].transpose(0, 1)
