@@ -80,14 +80,7 @@ class ChatGeneration(Generation):
             )
             for c in out.outputs
         ]
-        return {
-            "id": self.response_id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": self.usage(),
-        }
+        return {**self._chunk("chat.completion", choices), "usage": self.usage()}
 
     def chunks(self, i: int, out: RequestOutput) -> Iterator[dict]:
         for c in out.outputs:

@@ -90,14 +90,7 @@ class CompletionGeneration(Generation):
             for i, out in enumerate(finals)
             for c in out.outputs
         ]
-        return {
-            "id": self.response_id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": self.usage(),
-        }
+        return {**self._chunk("text_completion", choices), "usage": self.usage()}
 
     def chunks(self, i: int, out: RequestOutput) -> Iterator[dict]:
         for c in out.outputs:
