@@ -86,34 +86,68 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], greedy: list[bool]):
-        tokens = logits.argmax(dim=-1)
+        """Draws a token for every non-greedy row; works in place on `logits`.
+
+        Every pass over the (rows, vocab) matrix is in place: on a CPU a fresh 40 MB tensor
+        (batch 200 × a 49k vocabulary) costs more in page faults than the arithmetic on it.
+        """
         rows = [i for i, g in enumerate(greedy) if not g]
-        sub = logits[rows]
-        temps = torch.tensor(
-            [requests[i].sampling_params.temperature for i in rows], device=logits.device
-        )
-        sub = sub / temps[:, None]
-        top_k = [requests[i].sampling_params.top_k for i in rows]
+        params = [requests[i].sampling_params for i in rows]
+        device = logits.device
+        if len(rows) < len(requests):
+            tokens = logits.argmax(dim=-1)  # the greedy rows' answers, before logits change
+        else:
+            tokens = torch.empty(len(requests), dtype=torch.long, device=device)
+        weights = logits if len(rows) == len(requests) else logits[rows]
+        weights.div_(torch.tensor([p.temperature for p in params], device=device)[:, None])
+
+        top_k = [p.top_k for p in params]
         if any(k > 0 for k in top_k):
-            k = torch.tensor([k if k > 0 else sub.shape[1] for k in top_k], device=sub.device)
-            kth = sub.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
-            sub = sub.masked_fill(sub < kth, -float("inf"))
-        probs = sub.softmax(dim=-1)
-        top_p = [requests[i].sampling_params.top_p for i in rows]
+            # topk of the largest k asked for, not a sort of the whole vocabulary.
+            largest = min(max(top_k), weights.shape[1])
+            best = weights.topk(largest, dim=-1).values
+            k = torch.tensor([min(k, largest) if k > 0 else 1 for k in top_k], device=device)
+            kth = best.gather(1, (k - 1)[:, None])
+            kth[torch.tensor([k <= 0 for k in top_k], device=device)] = -float("inf")
+            weights.masked_fill_(weights < kth, -float("inf"))
+
+        # Unnormalised probabilities: exp(x - max), so the best token weighs exactly 1.
+        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+
+        top_p = [p.top_p for p in params]
         if any(p < 1.0 for p in top_p):
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each
-            p = torch.tensor(top_p, device=sub.device)[:, None]
-            sorted_probs = sorted_probs.masked_fill(before >= p, 0.0)
-            probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
-        min_p = [requests[i].sampling_params.min_p for i in rows]
+            sorted_w, order = weights.sort(dim=-1, descending=True)
+            before = sorted_w.cumsum(dim=-1) - sorted_w  # mass strictly above each token
+            mass = torch.tensor(top_p, device=device)[:, None] * sorted_w.sum(-1, keepdim=True)
+            dropped = torch.zeros_like(weights, dtype=torch.bool).scatter_(1, order, before >= mass)
+            weights.masked_fill_(dropped, 0.0)
+        min_p = [p.min_p for p in params]
         if any(m > 0 for m in min_p):
-            m = torch.tensor(min_p, device=sub.device)[:, None]
-            probs = probs.masked_fill(probs < m * probs.max(dim=-1, keepdim=True).values, 0.0)
-        # Gumbel-style draw: argmax(p / q) with q ~ Exp(1), from each request's generator.
+            # The best token weighs 1 and no filter above removes it, so min_p is the threshold.
+            weights.masked_fill_(weights < torch.tensor(min_p, device=device)[:, None], 0.0)
+
+        # Inverse-CDF draw: one uniform number per row, from the request's own generator when
+        # it has a seed, looked up in the row's running sum of weights. One random number per
+        # row, not one per vocabulary entry: a draw per entry (Gumbel) cost 17 ms a step at
+        # batch 16 over a 49k vocabulary on one CPU thread. The running sum is float32, as in
+        # GPU samplers: a token lighter than ~1e-7 of the mass above it rounds to no chance.
+        uniform = torch.empty(len(rows), 1, device=device)
+        unseeded = [j for j, p in enumerate(params) if p.seed is None]
+        if unseeded:
+            uniform[unseeded] = torch.rand(
+                len(unseeded), 1, device=device, generator=self.generator
+            )
         for j, i in enumerate(rows):
-            q = torch.empty_like(probs[j]).exponential_(generator=self._generator(requests[i]))
-            tokens[i] = (probs[j] / q).argmax()
+            if params[j].seed is not None:
+                own = self._generator(requests[i])
+                uniform[j] = torch.rand(1, device=device, generator=own)
+        cdf = torch.cumsum(weights, dim=-1, out=weights)
+        total = cdf[:, -1:]
+        # Strictly below the total, so the search never runs past the last token; a token of
+        # weight 0 has an empty interval (its cdf equals its predecessor's) and is never hit.
+        target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+        picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        tokens[rows] = picked.to(tokens.dtype)
         return tokens
 
 

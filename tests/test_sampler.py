@@ -1,0 +1,98 @@
+"""The sampler on plain tensors: draws follow the softmax, filters remove what they must,
+seeded rows are independent of their batch, greedy rows take the argmax."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fleetserve.engine.request import Request
+from fleetserve.engine.sampler import Sampler
+from fleetserve.engine.sampling_params import SamplingParams
+
+CPU = torch.device("cpu")
+
+
+def requests(n: int, **params) -> list[Request]:
+    sp = SamplingParams(max_tokens=4, **params)
+    return [Request(f"r{i}", [1, 2, 3], sp) for i in range(n)]
+
+
+def draw(logits_row: list[float], n: int, seed: int = 0, **params) -> torch.Tensor:
+    """n independent draws from one row of logits, as n rows of one batch."""
+    logits = torch.tensor([logits_row] * n)
+    out = Sampler(seed, CPU)(logits, requests(n, **params))
+    return torch.tensor(out.token_ids)
+
+
+def test_draws_follow_the_softmax() -> None:
+    logits = [0.0, 1.0, 2.0, -1.0, 0.5]
+    n = 20_000
+    counts = torch.bincount(draw(logits, n, temperature=1.0), minlength=5).double()
+    expected = torch.softmax(torch.tensor(logits, dtype=torch.float64), -1) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 18.5  # 4 degrees of freedom: p = 0.001
+
+
+def test_temperature_sharpens_the_distribution() -> None:
+    logits = [0.0, 1.0]
+    n = 20_000
+    frac_hot = float((draw(logits, n, temperature=2.0) == 1).double().mean())
+    frac_cold = float((draw(logits, n, temperature=0.5) == 1).double().mean())
+    assert frac_hot == pytest.approx(1 / (1 + math.exp(-0.5)), abs=0.015)
+    assert frac_cold == pytest.approx(1 / (1 + math.exp(-2.0)), abs=0.015)
+
+
+def test_tokens_of_probability_zero_are_never_drawn() -> None:
+    logits = [-math.inf, 0.0, -math.inf, 0.0, -math.inf]
+    assert set(draw(logits, 5_000, temperature=1.0).tolist()) == {1, 3}
+
+
+def test_top_k_keeps_only_the_k_best() -> None:
+    logits = [3.0, 2.9, 2.8, 0.0, -1.0]
+    assert set(draw(logits, 5_000, temperature=1.0, top_k=2).tolist()) == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_set_with_that_mass() -> None:
+    # probabilities 0.5, 0.3, 0.2: top_p 0.7 keeps 0.5 + 0.3, renormalised
+    logits = [math.log(0.5), math.log(0.3), math.log(0.2)]
+    drawn = draw(logits, 5_000, temperature=1.0, top_p=0.7)
+    assert set(drawn.tolist()) == {0, 1}
+    assert float((drawn == 0).double().mean()) == pytest.approx(0.5 / 0.8, abs=0.03)
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best() -> None:
+    logits = [math.log(0.6), math.log(0.3), math.log(0.1)]
+    assert set(draw(logits, 5_000, temperature=1.0, min_p=0.2).tolist()) == {0, 1}
+
+
+def test_seeded_row_does_not_depend_on_its_batch() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000)
+    seeded = SamplingParams(max_tokens=4, temperature=1.0, seed=1234)
+    alone = Sampler(0, CPU)(logits[2:3].clone(), [Request("s", [1], seeded)]).token_ids[0]
+    batch = requests(2, temperature=1.0) + [Request("s", [1], seeded)] + requests(3)
+    in_batch = Sampler(99, CPU)(logits[[0, 1, 2, 3, 4, 5]].clone(), batch).token_ids[2]
+    assert in_batch == alone
+
+
+def test_seeded_requests_repeat_and_different_seeds_differ() -> None:
+    logits = torch.zeros(1, 50_000)  # uniform: two seeds agreeing by chance is 1 in 50,000
+
+    def first_tokens(seed: int) -> list[int]:
+        sampler = Sampler(0, CPU)
+        req = Request("s", [1], SamplingParams(max_tokens=4, temperature=1.0, seed=seed))
+        return [sampler(logits.clone(), [req]).token_ids[0] for _ in range(5)]
+
+    assert first_tokens(7) == first_tokens(7)
+    assert first_tokens(7) != first_tokens(8)
+
+
+def test_greedy_rows_take_the_argmax_in_a_mixed_batch() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(4, 300)
+    batch = requests(2, temperature=0.0) + requests(2, temperature=1.0)
+    out = Sampler(0, CPU)(logits.clone(), batch)
+    assert out.token_ids[:2] == logits[:2].argmax(-1).tolist()
