@@ -47,6 +47,17 @@ def test_burstiness_keeps_the_rate_and_sets_the_spread(burstiness: float) -> Non
     assert gaps.std() / gaps.mean() == pytest.approx(1 / math.sqrt(burstiness), rel=0.08)
 
 
+def test_infinite_burstiness_is_a_constant_rate() -> None:
+    times = arrival_times(4.0, math.inf, np.random.default_rng(0), count=9)
+    assert times == [i * 0.25 for i in range(9)]
+    assert arrival_times(4.0, math.inf, np.random.default_rng(0), duration_s=1.0) == [
+        0.0,
+        0.25,
+        0.5,
+        0.75,
+    ]
+
+
 def test_schedule_is_seeded() -> None:
     a = arrival_times(3.0, 1.0, np.random.default_rng(1), count=50)
     b = arrival_times(3.0, 1.0, np.random.default_rng(1), count=50)

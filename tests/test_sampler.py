@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fleetserve.engine.request import Request
-from fleetserve.engine.sampler import Sampler
+from fleetserve.engine.sampler import Sampler, keep_nucleus_
 from fleetserve.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -96,3 +96,28 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch() -> None:
     batch = requests(2, temperature=0.0) + requests(2, temperature=1.0)
     out = Sampler(0, CPU)(logits.clone(), batch)
     assert out.token_ids[:2] == logits[:2].argmax(-1).tolist()
+
+
+def reference_nucleus(weights: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p by a full sort: the tokens whose heavier predecessors hold < top_p of the mass."""
+    values, _ = weights.sort(descending=True)
+    inside = (values.cumsum(0) - values) < top_p * weights.sum()
+    lightest = values[int(inside.sum()) - 1]
+    return weights >= lightest
+
+
+@pytest.mark.parametrize("first_k", [4, 32, 1000])
+def test_nucleus_matches_a_full_sort_whatever_its_width(first_k: int) -> None:
+    torch.manual_seed(3)
+    # rows from peaked (nucleus of a few tokens) to flat (hundreds): some need the wider looks
+    scales = torch.tensor([16.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.0, 8.0])[:, None]
+    logits = torch.randn(8, 1000) * scales
+    weights = (logits - logits.amax(-1, keepdim=True)).exp()
+    top_p = torch.tensor([0.9, 0.5, 0.95, 0.9, 0.99, 0.8, 0.3, 1.0])
+    filtered = weights.clone()
+    keep_nucleus_(filtered, top_p, first_k=first_k)
+    for row in range(7):
+        expected = reference_nucleus(weights[row], float(top_p[row]))
+        assert torch.equal(filtered[row] > 0, expected), row
+        assert torch.equal(filtered[row][expected], weights[row][expected])  # kept unchanged
+    assert torch.equal(filtered[7], weights[7])  # top_p 1: untouched

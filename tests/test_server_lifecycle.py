@@ -84,7 +84,10 @@ def test_loading_503_then_sigterm_drains(tiny_llama, tmp_path):
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "loading"
         assert r.headers["retry-after"]
+        r = httpx.get(url + "/v1/models")  # not listed until it can be used
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading", r.text
         replica.wait_ready()
+        assert httpx.get(url + "/v1/models").status_code == 200
 
         stream = StreamInThread(url, prompt="hello", extra_body={"return_token_ids": True, **LONG})
         assert stream.first.wait(30) and stream.error is None

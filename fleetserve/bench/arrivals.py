@@ -4,7 +4,8 @@ Computed upfront from a seeded RNG, before any request is sent, so a test checks
 the schedule itself and a run can be repeated exactly. Gaps between arrivals are gamma-
 distributed with shape `burstiness` and mean 1/rate: burstiness 1 is a Poisson process, below 1
 arrivals come in bursts (coefficient of variation 1/sqrt(burstiness) > 1), above 1 they are
-more regular. This is the convention of vLLM's `benchmark_serving --burstiness`.
+more regular, and an infinite burstiness is a constant rate (every gap exactly 1/rate). This is
+the convention of vLLM's `benchmark_serving --burstiness`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def arrival_times(
         if count is None:
             raise ValueError("an infinite rate needs a count")
         return [0.0] * count
+    if math.isinf(burstiness):
+        gaps = int(count) if count is not None else math.ceil(rate * duration_s)
+        times = [i / rate for i in range(gaps)]
+        return [t for t in times if duration_s is None or t < duration_s]
     scale = 1.0 / (rate * burstiness)
     times: list[float] = []
     now = 0.0

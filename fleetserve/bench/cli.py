@@ -108,7 +108,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
     load = p.add_argument_group("load")
     load.add_argument("--rate", type=float, default=math.inf, help="sessions/s (default: inf)")
-    load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
+    load.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="gamma shape of the gaps: 1 = Poisson, <1 bursty, >1 regular, inf = constant rate",
+    )
     load.add_argument("--concurrency", type=int, help="max sessions in flight")
     load.add_argument("--num-requests", type=int, help=f"default {DEFAULT_NUM_REQUESTS}")
     load.add_argument("--duration", type=float, help="seconds; no new session after it")

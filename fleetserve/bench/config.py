@@ -75,7 +75,8 @@ class LoadConfig:
     """How to send it. A session is one request, or one conversation of `turns` requests.
 
     - `rate` (sessions/s, `inf` = all at once) with gamma-distributed gaps of shape `burstiness`
-      (1.0 = Poisson); `concurrency` caps the sessions in flight (a closed loop when rate is inf).
+      (1.0 = Poisson, `inf` = constant gaps); `concurrency` caps the sessions in flight (a
+      closed loop when rate is inf).
     - The run stops after `num_sessions` sessions or when `duration_s` has passed (no new
       session starts after it; sessions in flight finish), whichever comes first.
     """

@@ -116,11 +116,7 @@ class Sampler:
 
         top_p = [p.top_p for p in params]
         if any(p < 1.0 for p in top_p):
-            sorted_w, order = weights.sort(dim=-1, descending=True)
-            before = sorted_w.cumsum(dim=-1) - sorted_w  # mass strictly above each token
-            mass = torch.tensor(top_p, device=device)[:, None] * sorted_w.sum(-1, keepdim=True)
-            dropped = torch.zeros_like(weights, dtype=torch.bool).scatter_(1, order, before >= mass)
-            weights.masked_fill_(dropped, 0.0)
+            keep_nucleus_(weights, torch.tensor(top_p, device=device))
         min_p = [p.min_p for p in params]
         if any(m > 0 for m in min_p):
             # The best token weighs 1 and no filter above removes it, so min_p is the threshold.
@@ -149,6 +145,34 @@ class Sampler:
         picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
         tokens[rows] = picked.to(tokens.dtype)
         return tokens
+
+
+def keep_nucleus_(weights: torch.Tensor, top_p: torch.Tensor, first_k: int = 256) -> None:
+    """Top-p in place: zeroes every token outside its row's nucleus, the fewest most likely
+    tokens whose weights before them sum to less than top_p of the row's total (the token that
+    crosses the line is in). Tokens tied with the nucleus' lightest one stay in too.
+
+    A full sort of a 49k vocabulary costs 0.8 s at batch 200 on one CPU thread; the nucleus
+    is usually a few hundred tokens, so this looks at the `first_k` heaviest of each row
+    (`topk`), and only rows whose nucleus is wider look again at 8x as many, then at the whole
+    vocabulary.
+    """
+    vocab = weights.shape[1]
+    mass = top_p[:, None] * weights.sum(dim=-1, keepdim=True)
+    threshold = torch.zeros(weights.shape[0], 1, dtype=weights.dtype, device=weights.device)
+    pending = torch.nonzero(top_p < 1.0).squeeze(1)
+    k = first_k
+    while len(pending):
+        k = min(k, vocab)
+        values = weights[pending].topk(k, dim=-1).values  # heaviest first
+        inside = (values.cumsum(dim=-1) - values) < mass[pending]
+        decided = ~inside[:, -1] if k < vocab else torch.ones_like(inside[:, -1])
+        rows = pending[decided]
+        last_inside = inside[decided].sum(dim=-1, keepdim=True) - 1
+        threshold[rows] = values[decided].gather(1, last_inside)
+        pending = pending[~decided]
+        k = k * 8 if k * 8 <= vocab // 4 else vocab  # past a quarter, one full sort is cheaper
+    weights.masked_fill_(weights < threshold, 0.0)
 
 
 def top_logprobs(row: torch.Tensor, token: int, n: int) -> Logprobs:

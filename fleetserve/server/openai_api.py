@@ -37,13 +37,15 @@ def _model_card(state: ServerState) -> dict:
     }
 
 
-@router.get("/models")
+@router.get("/models", responses={503: ERRORS[503]})
 async def list_models(state: State) -> dict:
+    state.check_model_loaded()
     return {"object": "list", "data": [_model_card(state)]}
 
 
-@router.get("/models/{model:path}", responses={404: ERRORS[404]})
+@router.get("/models/{model:path}", responses={404: ERRORS[404], 503: ERRORS[503]})
 async def retrieve_model(model: str, state: State) -> dict:
+    state.check_model_loaded()
     if model != state.settings.served_model_name:
         raise APIError(
             404, f"The model `{model}` does not exist", param="model", code="model_not_found"

@@ -154,6 +154,12 @@ class ServerState:
         headers = {"Retry-After": "5"} if self.phase is Phase.LOADING else None
         raise APIError(503, message, code=code, headers=headers)
 
+    def check_model_loaded(self) -> None:
+        """503 while the model loads or after it failed to: a client that polls /v1/models
+        for readiness (as some benchmark tools do) must not see a model it cannot use yet."""
+        if self.phase in (Phase.LOADING, Phase.FAILED):
+            self.check_ready()
+
     def check_queue(self) -> None:
         if self.engine.num_waiting >= self.settings.max_queue_len:
             raise APIError(
