@@ -23,7 +23,7 @@ if [ -n "$SERVER_CPUS" ]; then
     SERVER=(taskset -c "$SERVER_CPUS")
     FLEETSERVE_SERVE_ARGS=${FLEETSERVE_SERVE_ARGS:---num-threads $(taskset -c "$SERVER_CPUS" nproc)}
 fi
-[ -n "$CLIENT_CPUS" ] && CLIENT=(taskset -c "$CLIENT_CPUS")
+if [ -n "$CLIENT_CPUS" ]; then CLIENT=(taskset -c "$CLIENT_CPUS"); fi
 echo "server cpus: ${SERVER_CPUS:-all}  client cpus: ${CLIENT_CPUS:-all}  serve args: ${FLEETSERVE_SERVE_ARGS:-}" | tee "$OUT/pinning.txt"
 uptime > "$OUT/loadavg_before.txt"
 setsid "${SERVER[@]}" .venv/bin/fleetserve serve "$HF_MODEL" --port "$PORT" ${FLEETSERVE_SERVE_ARGS:-} >"$OUT/fleetserve.log" 2>&1 &

@@ -195,6 +195,9 @@ def test_config_file_and_precedence(tmp_path, monkeypatch):
     settings = cli.build_settings(cli.resolve_options(parse("/x/SmolLM2-135M-Instruct.Q4_1.gguf")))
     assert settings.served_model_name == "SmolLM2-135M-Instruct"
     assert settings.engine.model == "/x/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert settings.engine.max_num_batched_tokens == 1024  # the server's own default
+    given = cli.resolve_options(parse("/m", "--max-num-batched-tokens", "4096"))
+    assert cli.build_settings(given).engine.max_num_batched_tokens == 4096
 
 
 def test_config_file_unknown_key_is_named(tmp_path):

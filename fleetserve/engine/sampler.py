@@ -41,7 +41,8 @@ class Sampler:
         return gen
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits: (num_rows, vocab) float32, one row per request, in `requests` order."""
+        """logits: (num_rows, vocab), one row per request, in `requests` order. The sampler
+        uses float32 logits as its scratch space: the caller must not read them afterwards."""
         logits = logits.float()
         want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None

@@ -48,6 +48,12 @@ SERVER_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "health_timeout": (float, 20.0, "seconds of engine silence after which /health is 503"),
 }
 
+# Engine defaults of the server where they differ from offline `LLM` (vLLM also picks them per
+# usage context). A step's prefill chunk stalls every running stream for its duration: 2048
+# tokens take ~1 s on two CPU cores, so the server takes 1024, which halved the inter-token p99
+# at the same output tokens/s (benchmarks/README.md, "Step budget").
+SERVER_ENGINE_DEFAULTS: dict[str, Any] = {"max_num_batched_tokens": 1024}
+
 ENGINE_HELP = {
     "tokenizer": "tokenizer folder (default: the model's own)",
     "dtype": "weight and activation dtype: auto, float32, bfloat16, float16",
@@ -131,6 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_replicated_arguments(p)
     engine = p.add_argument_group("engine")
     defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    defaults.update(SERVER_ENGINE_DEFAULTS)
     for name, hint in _engine_fields():
         text = ENGINE_HELP.get(name, f"engine argument {name}")
         shown = "" if defaults[name] is None else f" (default: {defaults[name]})"
@@ -213,7 +220,8 @@ def build_settings(options: dict[str, Any]):
     from fleetserve.server.state import ServerSettings
 
     model = options.get("model") or default_model()
-    engine_kwargs = {n: options[n] for n, _ in _engine_fields() if n in options}
+    engine_kwargs = dict(SERVER_ENGINE_DEFAULTS)
+    engine_kwargs.update({n: options[n] for n, _ in _engine_fields() if n in options})
     engine = EngineConfig(model=model, **engine_kwargs)
     return ServerSettings(
         engine=engine,
