@@ -341,6 +341,34 @@ def test_duration_bounded_closed_loop(server, tmp_path: Path) -> None:
     assert report["summary"]["requests"]["failed"] == 0
 
 
+def test_ramp_up_staggers_the_first_streams_of_a_closed_loop(server, tmp_path: Path) -> None:
+    url, _ = server
+    code, report = _bench(
+        url,
+        tmp_path,
+        "--model",
+        "m",
+        "--num-requests",
+        "8",
+        "--concurrency",
+        "4",
+        "--ramp-up",
+        "0.4",
+        "--output-len",
+        "2",
+        "--input-len",
+        "4",
+        "--no-plots",
+    )
+    assert code == 0
+    assert report["config"]["load"]["ramp_up_s"] == 0.4
+    requests = report["requests"]
+    assert report["summary"]["requests"] == {"sent": 8, "completed": 8, "failed": 0}
+    for i in range(4):  # stream i starts no earlier than i * 0.4 / 4
+        assert requests[i]["start_s"] >= i * 0.1 - 1e-6
+    assert [r["start_s"] for r in requests[:4]] == sorted(r["start_s"] for r in requests[:4])
+
+
 def test_unreachable_server_is_a_connection_error(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port that nothing listens on once closed
         s.bind(("127.0.0.1", 0))
@@ -370,6 +398,8 @@ def test_unreachable_server_is_a_connection_error(tmp_path: Path) -> None:
         ["--url", "http://h:1", "--model", "m", "--duration", "5"],  # endless burst
         ["--url", "http://h:1", "--model", "m", "--extra-body", "[1]"],
         ["--url", "h:1", "--model", "m"],
+        ["--url", "http://h:1", "--model", "m", "--ramp-up", "2"],  # no closed loop to ramp
+        ["--url", "http://h:1", "--model", "m", "--concurrency", "2", "--ramp-up", "-1"],
     ],
 )
 def test_argument_mistakes_are_usage_errors(args: list[str], capsys: pytest.CaptureFixture) -> None:

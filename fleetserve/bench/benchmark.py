@@ -46,7 +46,7 @@ def make_plan(spec: BenchSpec, text_source: TextSource) -> Plan:
         sessions = list(itertools.islice(sessions, len(arrivals)))
     elif load.num_sessions is not None:
         sessions = list(itertools.islice(sessions, load.num_sessions))
-    return Plan(sessions, arrivals, load.concurrency, load.duration_s)
+    return Plan(sessions, arrivals, load.concurrency, load.duration_s, load.ramp_up_s)
 
 
 def warmup_plan(spec: BenchSpec, text_source: TextSource) -> Plan | None:

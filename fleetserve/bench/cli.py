@@ -115,6 +115,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="gamma shape of the gaps: 1 = Poisson, <1 bursty, >1 regular, inf = constant rate",
     )
     load.add_argument("--concurrency", type=int, help="max sessions in flight")
+    load.add_argument(
+        "--ramp-up",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="closed loop: start the --concurrency streams evenly over this time, not at once",
+    )
     load.add_argument("--num-requests", type=int, help=f"default {DEFAULT_NUM_REQUESTS}")
     load.add_argument("--duration", type=float, help="seconds; no new session after it")
     load.add_argument("--seed", type=int, default=0)
@@ -215,6 +222,7 @@ def build_spec(args: argparse.Namespace) -> tuple[BenchSpec, TextSource]:
             rate=args.rate,
             burstiness=args.burstiness,
             concurrency=args.concurrency,
+            ramp_up_s=args.ramp_up,
             warmup=args.warmup,
             seed=args.seed,
         ),

@@ -77,6 +77,9 @@ class LoadConfig:
     - `rate` (sessions/s, `inf` = all at once) with gamma-distributed gaps of shape `burstiness`
       (1.0 = Poisson, `inf` = constant gaps); `concurrency` caps the sessions in flight (a
       closed loop when rate is inf).
+    - `ramp_up_s` (closed loop only): the first `concurrency` sessions start evenly over this
+      many seconds instead of all at once. Equal-length requests that all start together stay
+      in lockstep, arriving in waves, and a TTFT percentile then depends on where the waves fall.
     - The run stops after `num_sessions` sessions or when `duration_s` has passed (no new
       session starts after it; sessions in flight finish), whichever comes first.
     """
@@ -86,6 +89,7 @@ class LoadConfig:
     rate: float = math.inf
     burstiness: float = 1.0
     concurrency: int | None = None
+    ramp_up_s: float = 0.0
     warmup: int = 0
     seed: int = 0
 
@@ -102,6 +106,10 @@ class LoadConfig:
             raise ValueError(f"burstiness must be > 0, got {self.burstiness}")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if not self.ramp_up_s >= 0 or math.isinf(self.ramp_up_s):
+            raise ValueError(f"ramp_up_s must be a finite number >= 0, got {self.ramp_up_s}")
+        if self.ramp_up_s and (self.concurrency is None or not math.isinf(self.rate)):
+            raise ValueError("a ramp-up applies to a closed loop: --concurrency without --rate")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.num_sessions is None and math.isinf(self.rate) and self.concurrency is None:

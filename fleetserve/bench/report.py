@@ -124,7 +124,8 @@ def markdown_summary(report: dict[str, Any]) -> str:
         "",
         f"- target: `{c['url']}` model `{c['model']}`, endpoint `{c['endpoint']}`",
         f"- workload: `{c['workload']['kind']}`, token counting: {c['token_counting']}",
-        f"- load: rate {rate}, burstiness {load['burstiness']}, concurrency {concurrency}",
+        f"- load: rate {rate}, burstiness {load['burstiness']}, concurrency {concurrency}"
+        + (f", ramp-up {load['ramp_up_s']} s" if load.get("ramp_up_s") else ""),
         f"- seed {load['seed']}, warmup {load['warmup']} requests",
         f"- SLOs: TTFT {c['slo']['ttft_ms'] or '-'} ms, TPOT {c['slo']['tpot_ms'] or '-'} ms",
         f"- created {report['created_at']}, schema version {report['schema_version']}",

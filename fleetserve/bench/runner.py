@@ -29,12 +29,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Plan:
     """What to run. `arrivals[i]` is the start time of `sessions[i]`; None means a closed loop
-    (each session starts as soon as a concurrency slot is free)."""
+    (each session starts as soon as a concurrency slot is free; with `ramp_up_s`, session i of
+    the first `concurrency` not before i * ramp_up_s / concurrency)."""
 
     sessions: Iterable[Session]
     arrivals: list[float] | None
     concurrency: int | None = None
     duration_s: float | None = None
+    ramp_up_s: float = 0.0
 
 
 @dataclass
@@ -75,6 +77,10 @@ class Runner:
                 due = plan.arrivals[i]
                 if due > client.now():
                     await asyncio.sleep(due - client.now())
+            elif plan.ramp_up_s and plan.concurrency and i < plan.concurrency:
+                ramp = i * plan.ramp_up_s / plan.concurrency
+                if ramp > client.now():
+                    await asyncio.sleep(ramp - client.now())
             if slots is not None:
                 await slots.acquire()
             if plan.arrivals is None:
