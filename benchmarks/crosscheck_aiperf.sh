@@ -10,6 +10,7 @@
 #                                                      # of the pinned one-thread server's capacity)
 #   RATE_MODE=constant RATE=0.6 N=100 benchmarks/crosscheck_aiperf.sh   # a request every 1/RATE s
 #   RATE= C=16 N=96 benchmarks/crosscheck_aiperf.sh    # closed loop at concurrency C
+#   RATE= RAMP=8 C=16 N=96 benchmarks/crosscheck_aiperf.sh   # ... its streams started over 8 s
 #
 # aiperf's timing process spins a whole core in its concurrency mode (measured: 100% of one
 # core for the whole run), which on this 2-core machine slows the server it measures unless the
@@ -19,13 +20,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/benchmarks/out/crosscheck-$(date +%Y%m%d-%H%M%S)}
-N=${N:-100}; C=${C:-16}; RATE=${RATE-0.6}; RATE_MODE=${RATE_MODE:-poisson}
+N=${N:-100}; C=${C:-16}; RATE=${RATE-0.6}; RATE_MODE=${RATE_MODE:-poisson}; RAMP=${RAMP:-0}
 if [ -n "$RATE" ]; then
     BENCH_LOAD=(--rate "$RATE")
     if [ "$RATE_MODE" = constant ]; then BENCH_LOAD+=(--burstiness inf); fi
     AIPERF_LOAD=(--request-rate "$RATE" --request-rate-mode "$RATE_MODE")
 else
-    BENCH_LOAD=(--concurrency "$C"); AIPERF_LOAD=(--concurrency "$C")
+    BENCH_LOAD=(--concurrency "$C" --ramp-up "$RAMP")
+    AIPERF_LOAD=(--concurrency "$C")
+    if [ "$RAMP" != 0 ]; then AIPERF_LOAD+=(--concurrency-ramp-duration "$RAMP"); fi
 fi
 source "$ROOT/benchmarks/crosscheck_common.sh"
 date +%T > "$OUT/t_aiperf_start"; ps -g "$SPID" -o pid=,times=,args= | cut -c1-80 > "$OUT/server_cpu_1.txt"

@@ -9,18 +9,19 @@
 # benchmarks/serving_vs_peers.sh converts once. Pinning: see crosscheck_common.sh.
 #
 #   C=16 N=96 benchmarks/crosscheck_guidellm.sh             # closed loop of C streams (default)
+#   RAMP=8 C=16 N=96 benchmarks/crosscheck_guidellm.sh      # ... started evenly over 8 s
 #   RATE=0.6 N=100 benchmarks/crosscheck_guidellm.sh        # a request every 1/RATE s
 #   RATE_MODE=poisson RATE=0.6 N=100 benchmarks/crosscheck_guidellm.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/benchmarks/out/crosscheck-guidellm-$(date +%Y%m%d-%H%M%S)}
-N=${N:-96}; C=${C:-16}; RATE=${RATE:-}; RATE_MODE=${RATE_MODE:-constant}
+N=${N:-96}; C=${C:-16}; RATE=${RATE:-}; RATE_MODE=${RATE_MODE:-constant}; RAMP=${RAMP:-0}
 if [ -n "$RATE" ]; then
     BENCH_LOAD=(--rate "$RATE"); PROFILE="kind=$RATE_MODE,rate=$RATE"
     if [ "$RATE_MODE" = constant ]; then BENCH_LOAD+=(--burstiness inf); fi
 else
-    BENCH_LOAD=(--concurrency "$C"); PROFILE="kind=concurrent,streams=$C"
+    BENCH_LOAD=(--concurrency "$C" --ramp-up "$RAMP"); PROFILE="kind=concurrent,streams=$C,rampup_duration=$RAMP"
 fi
 source "$ROOT/benchmarks/crosscheck_common.sh"
 date +%T > "$OUT/t_guidellm_start"; ps -g "$SPID" -o pid=,times=,args= | cut -c1-80 > "$OUT/server_cpu_1.txt"
