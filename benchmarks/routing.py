@@ -27,8 +27,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +35,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from fleetserve.server.launcher import stop_process_group
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -79,16 +79,6 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 # ---- routing ---------------------------------------------------------------------------------
@@ -182,7 +172,7 @@ class Fleet:
             server.should_exit = True
             thread.join(30)
         for p in self.procs:
-            stop(p)
+            stop_process_group(p)
 
 
 def system_prompt(args: argparse.Namespace) -> str:
@@ -385,8 +375,8 @@ def run_overhead(args: argparse.Namespace) -> dict:
             "gateway_max_req_per_s": rates["gateway"][best],
         }
     finally:
-        stop(gateway)
-        stop(fake)
+        stop_process_group(gateway)
+        stop_process_group(fake)
 
 
 def closed_loop(url: str, body: dict, concurrency: int, args: argparse.Namespace) -> float:

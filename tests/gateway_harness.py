@@ -22,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -27,6 +27,7 @@ from fleetserve.fleet.supervisor import Supervisor
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
+from fleetserve.server.launcher import stop_process_group
 
 
 def test_replica_argv_drops_the_fleet_options():
@@ -237,13 +238,7 @@ def real_fleet(tiny_llama):
         wait_until(all_ready, 120, 0.2, "3 real replicas ready")
         yield url, proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc, grace_s=30)
 
 
 @pytest.mark.slow

@@ -9,11 +9,11 @@ import json
 import random
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
+from gateway_harness import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetserve import LLM, SamplingParams
@@ -96,16 +96,6 @@ def scrape(url: str) -> dict[str, float]:
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -405,7 +395,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
         assert running["fleetserve:num_requests_running"] == 1
         assert running["fleetserve:kv_cache_usage_perc"] > 0
     # Leaving the block closes the connection mid-stream.
-    after = wait_for(
+    after = wait_until(
         lambda: (
             (m := scrape(server.url))["fleetserve:num_requests_running"] == 0
             and m["fleetserve:kv_cache_usage_perc"] == 0
@@ -428,7 +418,7 @@ def test_non_streaming_disconnect_aborts(server):
             "ignore_eos": True}  # fmt: skip
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=0.3)
-    after = wait_for(
+    after = wait_until(
         lambda: (
             (m := scrape(server.url))["fleetserve:num_requests_in_flight"] == 0
             and m["fleetserve:num_requests_running"] == 0

@@ -11,11 +11,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
 import pytest
+from gateway_harness import wait_until
 
 from fleetserve.server import cli
 from fleetserve.server.launcher import ReplicaProcess
@@ -23,16 +23,6 @@ from fleetserve.server.launcher import ReplicaProcess
 MODEL = "llama"
 SERVER_ARGS = ("--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", "64MiB")
 LONG = {"max_tokens": 480, "ignore_eos": True}
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class StreamInThread:
@@ -67,7 +57,7 @@ class StreamInThread:
 
 
 def engine_core_pid(replica: ReplicaProcess) -> int:
-    match = wait_for(
+    match = wait_until(
         lambda: re.search(r"engine core process (\d+) started", replica.log()),
         what="the engine core's pid in the log",
     )
@@ -92,7 +82,7 @@ def test_loading_503_then_sigterm_drains(tiny_llama, tmp_path):
         stream = StreamInThread(url, prompt="hello", extra_body={"return_token_ids": True, **LONG})
         assert stream.first.wait(30) and stream.error is None
         replica.signal(signal.SIGTERM)
-        wait_for(lambda: httpx.get(url + "/health").status_code == 503, what="/health 503")
+        wait_until(lambda: httpx.get(url + "/health").status_code == 503, what="/health 503")
         r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
         assert replica.proc.poll() is None, "exited before the stream finished"
@@ -122,7 +112,7 @@ def test_queue_full_429_and_engine_death(tiny_llama, tmp_path):
 
         waiter = threading.Thread(target=post_waiting, daemon=True)
         waiter.start()
-        wait_for(
+        wait_until(
             lambda: (
                 "fleetserve:num_requests_waiting{" in (text := httpx.get(url + "/metrics").text)
                 and re.search(r"^fleetserve:num_requests_waiting\{.*\} 1\.0$", text, re.MULTILINE)
@@ -135,7 +125,7 @@ def test_queue_full_429_and_engine_death(tiny_llama, tmp_path):
         assert int(r.headers["retry-after"]) >= 1
 
         os.kill(engine_core_pid(replica), signal.SIGKILL)
-        wait_for(lambda: httpx.get(url + "/health").status_code == 503, what="/health 503")
+        wait_until(lambda: httpx.get(url + "/health").status_code == 503, what="/health 503")
         running.join()
         assert isinstance(running.error, openai.APIError), running.error
         assert running.finish_reason is None

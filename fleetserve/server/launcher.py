@@ -22,6 +22,19 @@ class ReplicaExited(RuntimeError):
     pass
 
 
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM to the process group `proc` leads (started with start_new_session=True), then
+    SIGKILL to the whole group if it has not exited within `grace_s`."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class ReplicaProcess:
     """`fleetserve serve MODEL --port 0 ARGS...` in a child process. Its stdout is parsed for
     the URL; its stderr (logs) goes to `log_path` for a failing test to show."""
