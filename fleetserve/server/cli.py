@@ -50,8 +50,8 @@ SERVER_OPTIONS: dict[str, tuple[Any, Any, str]] = {
 
 # Engine defaults of the server where they differ from offline `LLM` (vLLM also picks them per
 # usage context). A step's prefill chunk stalls every running stream for its duration: 2048
-# tokens take ~1 s on two CPU cores, so the server takes 1024, which halved the inter-token p99
-# at the same output tokens/s (benchmarks/README.md, "Step budget").
+# tokens of a 100M Llama take ~1.15 s on two CPU cores, so the server takes 1024, which halved
+# the inter-token p99 at the same output tokens/s (benchmarks/README.md, "Step budget").
 SERVER_ENGINE_DEFAULTS: dict[str, Any] = {"max_num_batched_tokens": 1024}
 
 ENGINE_HELP = {
