@@ -10,10 +10,14 @@ import pytest
 
 from fleetserve.fleet.fake_replica import ByteTokenizer
 from fleetserve.gateway.continuation import (
+    CARRIED_FIELDS,
+    COMPLETION_DEFAULT_MAX_TOKENS,
     chat_logprobs,
     client_chunk,
     continuation_body,
+    continuation_seed,
     max_tokens_of,
+    owed_max_tokens,
     usage_chunk,
 )
 from fleetserve.gateway.sse import encode_event, iter_sse_data
@@ -52,13 +56,75 @@ def test_continuation_of_a_chat_request():
     }
 
 
-def test_continuation_budget_and_defaults():
+# Every field a fleetserve replica reads, with a value that is not its default.
+EVERY_FIELD = {
+    "model": "m",
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 5,
+    "min_p": 0.05,
+    "stop": ["END", "\n\n"],
+    "stop_token_ids": [7, 9],
+    "ignore_eos": True,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
+    "repetition_penalty": 1.2,
+    "skip_special_tokens": False,
+    "spaces_between_special_tokens": False,
+    "include_stop_str_in_output": True,
+    "logit_bias": {"5": 1.0},
+    "user": "u1",
+    "cache_salt": "tenant-a",
+    "priority": 3,
+}
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_continuation_carries_every_field(chat):
+    original = {
+        **EVERY_FIELD,
+        "seed": 1234,
+        "min_tokens": 10,
+        "max_tokens": 50,
+        "logprobs": True if chat else 2,
+        "top_logprobs": 2,
+        "echo": True,
+        "prompt_logprobs": 1,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "n": 1,
+    }
+    body = continuation_body(original, chat, [1, 2], [3, 4, 5])
+    assert {k: body[k] for k in EVERY_FIELD} == EVERY_FIELD
+    assert set(CARRIED_FIELDS) == set(EVERY_FIELD)
+    assert body["max_tokens"] == 47 and body["min_tokens"] == 7 and body["logprobs"] == 2
+    assert body["seed"] == continuation_seed(1234, 3) != 1234
+    assert 0 <= body["seed"] < 2**63 and continuation_seed(1234, 3) == body["seed"]
+    assert continuation_seed(1234, 0) == 1234  # nothing sent: the very same draws
+    # the prompt went out with the first chunk; the gateway counts usage itself
+    assert not {"echo", "prompt_logprobs", "stream_options", "top_logprobs"} & set(body)
+
+
+def test_continuation_asks_for_exactly_what_is_owed():
+    # a chat request without a budget runs to the context length on the replica: so does
+    # its continuation (an explicit null: a completion request without one gets only 16)
+    chat = continuation_body({"messages": []}, True, [1], [5, 6])
+    assert "max_tokens" in chat and chat["max_tokens"] is None
+    # a completion request without max_tokens was given 16 by the replica
+    assert owed_max_tokens({"prompt": "x"}, False) == COMPLETION_DEFAULT_MAX_TOKENS == 16
+    assert continuation_body({"prompt": "x"}, False, [1], [5])["max_tokens"] == 15
+    assert continuation_body({"prompt": "x"}, False, [1], [5] * 16) is None
+    assert (
+        continuation_body({"prompt": "x", "max_tokens": None}, False, [1], [5])["max_tokens"]
+        is None
+    )
     assert continuation_body({"max_tokens": 3}, False, [1], [5, 6, 7]) is None
-    open_ended = continuation_body({"prompt": "x"}, False, [1], [5])
-    assert "max_tokens" not in open_ended and open_ended["prompt"] == [1, 5]
-    assert max_tokens_of({"max_completion_tokens": 5, "max_tokens": 9}, True) == 5
-    assert max_tokens_of({"max_completion_tokens": 5, "max_tokens": 9}, False) == 9
+    both = {"max_completion_tokens": 5, "max_tokens": 9}
+    assert continuation_body(both, True, [1], [5])["max_tokens"] == 4
+    assert max_tokens_of(both, True) == 5 and owed_max_tokens(both, True) == 5
+    assert max_tokens_of(both, False) == 9
     assert continuation_body({"logprobs": 3}, False, [1], [])["logprobs"] == 3
+    spent = continuation_body({"min_tokens": 2, "max_tokens": 9}, False, [1], [5, 6, 7])
+    assert spent["min_tokens"] == 0
 
 
 def test_client_chunks_in_both_formats():
@@ -82,6 +148,7 @@ def test_client_chunks_in_both_formats():
                 "delta": {"content": "ab"},
                 "logprobs": None,
                 "finish_reason": None,
+                "stop_reason": None,
                 "token_ids": [1, 2],
             }
         ],
@@ -101,12 +168,14 @@ def test_completion_logprobs_become_chat_logprobs():
     lp = {
         "tokens": ["a", "b"],
         "token_logprobs": [-0.1, -0.2],
-        "top_logprobs": [{"a": -0.1, "c": -2.0}, None],
+        # the sampled token first, then the top-N, as the replica's completions send them
+        "top_logprobs": [{"c": -2.0, "a": -0.1, "d": -3.0}, None],
     }
-    out = chat_logprobs(lp)["content"]
+    out = chat_logprobs(lp, top_n=2)["content"]
     assert out[0]["token"] == "a" and out[0]["logprob"] == -0.1 and out[0]["bytes"] == [97]
-    assert [t["token"] for t in out[0]["top_logprobs"]] == ["a", "c"]
+    assert [t["token"] for t in out[0]["top_logprobs"]] == ["a", "c"]  # best first, top_n
     assert out[1]["top_logprobs"] == []
+    assert chat_logprobs(lp)["content"][0]["top_logprobs"] == []  # logprobs without top
     assert chat_logprobs(None) is None
 
 
@@ -229,3 +298,56 @@ def test_stream_state_error_events_raise():
     state.continue_with(None)
     with pytest.raises(UpstreamError, match="finish"):
         state.on_event("[DONE]")
+
+
+def _events(events: list[bytes]) -> list[dict]:
+    return [json.loads(e.decode()[6:]) for e in events if e != b"data: [DONE]\n\n"]
+
+
+def test_migrated_chunks_have_the_replicas_fields_usage_and_offsets():
+    """Continued chunks look like the replica's own: stop_reason, continuous usage counted
+    over the whole stream, logprobs text offsets in the client's text, one id."""
+    body = {
+        "prompt": "p",
+        "logprobs": 1,
+        "stop": ["q"],
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    state = StreamState(body, chat=False, request_id="r")
+    state.on_event(_chunk("ab", [97, 98], prompt=[112]))
+    assert state.continue_with(ByteTokenizer())["max_tokens"] == 14
+    lp = {
+        "tokens": ["c", "q", "z"],
+        "token_logprobs": [-1.0, -2.0, -3.0],
+        "top_logprobs": [{"c": -1.0}, {"q": -2.0}, {"z": -3.0}],
+        "text_offset": [0, 1, 2],  # the continuation's own text
+    }
+    cont = json.loads(_chunk("cqz", [99, 113, 122]))
+    cont["choices"][0]["logprobs"] = lp
+    chunk, usage = _events(state.on_event(json.dumps(cont)))
+    choice = chunk["choices"][0]
+    assert choice["text"] == "c" and choice["finish_reason"] == "stop"
+    assert choice["stop_reason"] == "q"  # found by the gateway, across the seam
+    assert choice["logprobs"]["tokens"] == ["c", "q"]  # the tokens this chunk carries
+    assert choice["logprobs"]["text_offset"] == [2, 3]  # "ab" came first
+    assert chunk["usage"] == {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
+    assert usage["usage"]["completion_tokens"] == 4 and chunk["id"] == usage["id"] == "cmpl-1"
+
+
+def test_migrated_chat_logprobs_keep_the_clients_top_logprobs():
+    body = {"messages": [], "logprobs": True, "top_logprobs": 1}
+    state = StreamState(body, chat=True, request_id="r")
+    state.on_event(_chunk("a", [97], prompt=[1], chat=True))
+    assert state.continue_with(None)["logprobs"] == 1
+    cont = json.loads(_chunk("b", [98], finish="length"))
+    cont["choices"][0]["logprobs"] = {
+        "tokens": ["b"],
+        "token_logprobs": [-0.5],
+        "top_logprobs": [{"b": -0.5, "x": -0.1}],
+    }
+    (chunk,) = _events(state.on_event(json.dumps(cont)))
+    (entry,) = chunk["choices"][0]["logprobs"]["content"]
+    assert entry["token"] == "b" and [t["token"] for t in entry["top_logprobs"]] == ["x"]
+    assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["delta"] == {
+        "content": "b"
+    }

@@ -126,6 +126,35 @@ def test_migration_when_replicas_die_mid_stream(fleet, chat):
     assert _counter(fleet.metrics(), "fleetserve:gateway_migrations_total") >= 1
 
 
+@pytest.mark.parametrize("chat", [True, False])
+def test_migration_without_max_tokens_gives_what_the_replica_would_have(fleet, chat):
+    """A chat stream without max_tokens runs to the context length, a completion stream
+    without it to 16 tokens: a migrated one too, with every field reaching the replica."""
+    for i in range(3):
+        fleet.control(i, max_model_len=120)
+    body = {**(CHAT if chat else COMPLETION), "cache_salt": "tenant-a", "seed": 7}
+    body.pop("max_tokens")
+    prompt_len = len(
+        ByteTokenizer().apply_chat_template(CHAT["messages"]) if chat else COMPLETION["prompt"]
+    )
+    expected = reference(fleet, chat, body)
+    assert len(expected) == (120 - prompt_len if chat else 16)
+    fleet.control(0, die_after_tokens=5)
+    fleet.control(1, die_after_tokens=12)
+    for fake in fleet.fakes:
+        fake.bodies.clear()
+    for _ in range(3):
+        text, chunks = stream(fleet.url, chat, body)
+        assert text == expected
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    continued = [b for f in fleet.fakes for b in f.bodies if isinstance(b.get("prompt"), list)]
+    assert continued, "no stream was continued"
+    for cont in continued:
+        assert cont["cache_salt"] == "tenant-a" and cont["seed"] != 7
+        sent = len(cont["prompt"]) - prompt_len
+        assert cont["max_tokens"] == (None if chat else 16 - sent)
+
+
 def test_migration_keeps_stop_strings_across_the_seam(fleet):
     expected_full = reference(fleet, False, COMPLETION)
     stop = expected_full[3:7]  # the replica dies after 5 tokens: inside this string

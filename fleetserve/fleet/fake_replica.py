@@ -71,6 +71,7 @@ class FakeSettings:
     token_delay_s: float = 0.002
     prefill_s_per_token: float = 0.0
     max_concurrent: int = 256  # beyond this, requests wait (shows as waiting)
+    max_model_len: int = 32768  # the context: prompt plus generated tokens
     # failure injection (POST /fake/control)
     die_after_tokens: int | None = None  # streams break (connection reset) after k tokens
     stall_after_tokens: int | None = None  # streams go silent after k tokens
@@ -244,15 +245,21 @@ class FakeReplica:
         if self.s.fail_status and self.s.fail_count > 0 and not rid.startswith("probe"):
             self.s.fail_count -= 1
             return JSONResponse({"error": {"message": "injected"}}, self.s.fail_status)
+        # The replica's budget: a chat request without max tokens, or an explicit null, runs
+        # to the context length; a completion request without the field gets 16.
         if chat:
             prompt_ids = self.tokenizer.apply_chat_template(body["messages"])
-            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         else:
             prompt = body.get("prompt", "")
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
                 prompt = prompt[0]
             prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            max_tokens = body.get("max_tokens") or 16
+            max_tokens = body.get("max_tokens", 16)
+        room = self.s.max_model_len - len(prompt_ids)
+        if room < 1:
+            return JSONResponse({"error": {"message": "prompt longer than the context"}}, 400)
+        max_tokens = room if max_tokens is None else min(int(max_tokens), room)
         stop = body.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         with_ids = bool(body.get("return_token_ids"))
@@ -374,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill-s-per-token", type=float, default=0.0)
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--num-blocks", type=int, default=4096)
+    parser.add_argument("--max-model-len", type=int, default=32768)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     settings = FakeSettings(
@@ -381,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         num_blocks=args.num_blocks,
         token_delay_s=args.token_delay,
         prefill_s_per_token=args.prefill_s_per_token,
+        max_model_len=args.max_model_len,
     )
     uvicorn.run(
         FakeReplica(settings).app(),

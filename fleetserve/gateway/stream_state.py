@@ -18,7 +18,13 @@ import json
 from typing import Any
 
 from fleetserve.engine.detokenizer import IncrementalDetokenizer
-from fleetserve.gateway.continuation import client_chunk, continuation_body, usage_chunk
+from fleetserve.gateway.continuation import (
+    client_chunk,
+    continuation_body,
+    rebase_completion_logprobs,
+    usage_chunk,
+    usage_of,
+)
 from fleetserve.gateway.sse import DONE, DONE_EVENT, encode_event
 from fleetserve.gateway.upstream import UpstreamError, error_payload
 
@@ -33,7 +39,10 @@ class StreamState:
             bool(body.get("return_token_ids")) if wants_token_ids is None else wants_token_ids
         )
         self.n = int(body.get("n") or 1)
-        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        stream_options = body.get("stream_options")
+        stream_options = stream_options if isinstance(stream_options, dict) else {}
+        self.include_usage = bool(stream_options.get("include_usage"))
+        self.continuous_usage = bool(stream_options.get("continuous_usage_stats"))
         self.prompt_ids: list[int] | None = None
         self.generated: dict[int, list[int]] = {}
         self.text_sent: dict[int, str] = {}
@@ -109,25 +118,35 @@ class StreamState:
         for choice in obj.get("choices") or ():
             ids = list(choice.get("token_ids") or ())
             finish = choice.get("finish_reason")
+            stop_reason = choice.get("stop_reason")
             if self.detok is not None:
                 taken = []
                 for token in ids:
                     taken.append(token)
                     if self.detok.add_token(token):
-                        finish = "stop"  # a stop string, possibly across the seam
+                        # a stop string, possibly across the seam
+                        finish, stop_reason = "stop", self.detok.stop_reason
                         break
                 text = self.detok.take_delta(finished=finish is not None)
             else:
                 taken, text = ids, choice.get("text") or ""
             if not (text or taken or finish):
                 continue
-            out.append(self._emit(text, taken, finish, choice.get("logprobs")))
+            out.append(self._emit(text, taken, finish, stop_reason, choice.get("logprobs")))
             if finish is not None:
                 out += self.end_events()
                 break
         return out
 
-    def _emit(self, text: str, ids: list[int], finish: str | None, logprobs=None) -> bytes:
+    def _emit(
+        self,
+        text: str,
+        ids: list[int],
+        finish: str | None,
+        stop_reason: int | str | None = None,
+        logprobs: dict | None = None,
+    ) -> bytes:
+        logprobs = rebase_completion_logprobs(logprobs, len(self.text_sent.get(0, "")), len(ids))
         self.generated.setdefault(0, []).extend(ids)
         if text:
             self.text_sent[0] = self.text_sent.get(0, "") + text
@@ -135,6 +154,9 @@ class StreamState:
             self.token_sent = True
         if finish is not None:
             self.finish[0] = finish
+        usage = None
+        if self.continuous_usage and self.prompt_ids is not None:
+            usage = usage_of(len(self.prompt_ids), len(self.generated[0]))
         chunk = client_chunk(
             chat=self.chat,
             stream_id=self.stream_id,
@@ -142,8 +164,11 @@ class StreamState:
             model=self.model,
             text=text,
             finish_reason=finish,
+            stop_reason=stop_reason,
             token_ids=ids if self.wants_token_ids else None,
             logprobs=logprobs,
+            top_logprobs=int(self.body.get("top_logprobs") or 0),
+            usage=usage,
         )
         return encode_event(chunk)
 
