@@ -4,6 +4,7 @@ exposes `register(subparsers)`; this file only wires them together."""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
@@ -18,13 +19,20 @@ SUBCOMMANDS = {
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    # No prefix matching (`--api-ke` for `--api-key`): an abbreviation is an error, so what
+    # a flag means never depends on which other flags exist.
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="fleetserve",
         description="Serve AI models to many users at once: one replica, a gateway over many, "
         "and the tools to measure them.",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False),
+    )
     wanted = [a for a in argv if a in SUBCOMMANDS][:1] or list(SUBCOMMANDS)
     for name, module in SUBCOMMANDS.items():
         if name in wanted:

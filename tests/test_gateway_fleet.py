@@ -1,7 +1,9 @@
 """The local fleet backend: replica processes supervised behind a gateway. Fake replicas
-first (fast), then the issue's test on 3 real replicas of a tiny model: SIGKILL one while 30
-greedy streams run, every text equals a run without the kill; clients that disconnect leave
-nothing running; SIGTERM stops everything."""
+first (fast), then the issue's test on 3 real replicas of a tiny model, started with a public
+API key in their --config file: SIGKILL one while 30 greedy streams run, every text equals a
+run without the kill; a chat stream without max_tokens migrates whole; clients that
+disconnect leave nothing running; SIGTERM stops everything and removes the replicas'
+config files."""
 
 from __future__ import annotations
 
@@ -17,39 +19,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from gateway_harness import ThreadServer, free_port, sse_texts, wait_until
 
 from fleetserve.fleet.backoff import RestartBackoff
 from fleetserve.fleet.fake_replica import ByteTokenizer
 from fleetserve.fleet.local import LocalBackend
-from fleetserve.fleet.replicated import replica_argv
 from fleetserve.fleet.supervisor import Supervisor
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.server.launcher import stop_process_group
 
-
-def test_replica_argv_drops_the_fleet_options():
-    argv = [
-        "--log-level",
-        "DEBUG",
-        "serve",
-        "m.gguf",
-        "--replicas",
-        "3",
-        "--port=8000",
-        "--host",
-        "0.0.0.0",
-        "--router",
-        "round_robin",
-        "--api-key",
-        "s3cret",
-        "--max-num-seqs",
-        "8",
-        "--gateway-config=g.yaml",
-    ]
-    assert replica_argv(argv) == ["--log-level", "DEBUG", "serve", "m.gguf", "--max-num-seqs", "8"]
+PUBLIC_KEY = "public-fleet-key"  # the real fleet's, from its --config file
+AUTH = {"Authorization": f"Bearer {PUBLIC_KEY}"}
 
 
 def test_restart_backoff_doubles_and_resets():
@@ -91,7 +74,7 @@ def _alive(pid: int) -> bool:
 
 
 def _migrations(url: str) -> float:
-    metrics = httpx.get(f"{url}/metrics").text
+    metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
@@ -187,7 +170,7 @@ async def _chat_stream(client: httpx.AsyncClient, url: str, body: dict, progress
 async def _thirty_streams(url: str, kill: bool) -> tuple[list[str], dict | None]:
     n = 30
     progress = [0] * n
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
         tasks = [
             asyncio.create_task(_chat_stream(client, url, _real_body(i), progress, i))
             for i in range(n)
@@ -204,7 +187,9 @@ async def _thirty_streams(url: str, kill: bool) -> tuple[list[str], dict | None]
 
 
 @pytest.fixture(scope="module")
-def real_fleet(tiny_llama):
+def real_fleet(tiny_llama, tmp_path_factory):
+    serve_yaml = tmp_path_factory.mktemp("fleet") / "serve.yaml"
+    serve_yaml.write_text(f"api-key: {PUBLIC_KEY}\nkv-cache-memory: 32MiB\n")
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -213,12 +198,12 @@ def real_fleet(tiny_llama):
             "fleetserve.fleet.replicated",
             "serve",
             str(tiny_llama),
+            "--config",
+            str(serve_yaml),
             "--replicas",
             "3",
             "--port",
             str(port),
-            "--kv-cache-memory",
-            "32MiB",
             "--max-model-len",
             "512",
         ],
@@ -229,7 +214,7 @@ def real_fleet(tiny_llama):
     def all_ready() -> bool:
         assert proc.poll() is None, "the fleet exited"
         try:
-            replicas = httpx.get(f"{url}/admin/replicas", timeout=2).json()
+            replicas = httpx.get(f"{url}/admin/replicas", headers=AUTH, timeout=2).json()
         except httpx.HTTPError:
             return False
         return len(replicas) == 3 and all(r["ready"] for r in replicas)
@@ -239,6 +224,12 @@ def real_fleet(tiny_llama):
         yield url, proc
     finally:
         stop_process_group(proc, grace_s=30)
+
+
+def _replica_config(pid: int) -> Path:
+    """The config file replica `pid` was started from (`serve --config FILE`)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return Path(argv[argv.index("--config") + 1])
 
 
 @pytest.mark.slow
@@ -253,7 +244,90 @@ def test_sigkill_one_of_three_real_replicas_during_30_streams(real_fleet):
     assert _migrations(url) >= 1
 
     def restarted() -> bool:
-        replicas = {r["id"]: r for r in httpx.get(f"{url}/admin/replicas").json()}
+        replicas = {r["id"]: r for r in httpx.get(f"{url}/admin/replicas", headers=AUTH).json()}
+        return replicas[victim["id"]]["pid"] != victim["pid"] and replicas[victim["id"]]["ready"]
+
+    wait_until(restarted, 90, 0.2, "the killed replica restarted")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_the_public_key_opens_the_gateway_and_no_replica(real_fleet):
+    url, _ = real_fleet
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers=AUTH).status_code == 200
+    for replica in httpx.get(f"{url}/admin/replicas", headers=AUTH).json():
+        assert httpx.get(f"{replica['url']}/v1/models", headers=AUTH).status_code == 401
+        config = _replica_config(replica["pid"])
+        assert config.stat().st_mode & 0o077 == 0  # 0600, in a 0700 folder
+        assert config.parent.stat().st_mode & 0o077 == 0
+        assert PUBLIC_KEY not in config.read_text()
+        assert PUBLIC_KEY.encode() not in Path(f"/proc/{replica['pid']}/cmdline").read_bytes()
+        internal = {"Authorization": f"Bearer {yaml.safe_load(config.read_text())['api-key']}"}
+        assert httpx.get(f"{replica['url']}/v1/models", headers=internal).status_code == 200
+
+
+async def _chat_events(url: str, body: dict, progress: list[int]) -> list[dict]:
+    chunks = []
+    async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+            assert resp.status_code == 200, await resp.aread()
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+                    assert "error" not in chunks[-1], chunks[-1]
+                    progress[0] += 1
+    return chunks
+
+
+async def _chat_with_kill(url: str, body: dict) -> tuple[list[dict], dict]:
+    progress = [0]
+    task = asyncio.create_task(_chat_events(url, body, progress))
+    deadline = time.monotonic() + 60
+    while progress[0] < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    async with httpx.AsyncClient(headers=AUTH) as client:
+        replicas = (await client.get(f"{url}/admin/replicas")).json()
+    victim = max(replicas, key=lambda r: r["outstanding"])
+    os.killpg(victim["pid"], signal.SIGKILL)
+    return await task, victim
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_chat_stream_without_max_tokens_migrates_whole(real_fleet):
+    """The continuation used to go out without max_tokens, so the replica's default of 16
+    ended it early with `length`; now it runs to the context length like the original."""
+    url, _ = real_fleet
+    body = {
+        "model": "llama",
+        "messages": [{"role": "user", "content": "tell me everything"}],
+        "temperature": 0,
+        "ignore_eos": True,  # a random model: run to the context length
+        "cache_salt": "tenant-a",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    def summary(chunks: list[dict]) -> tuple[str, str, dict, set]:
+        text = "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"])
+        finish = [c["finish_reason"] for ch in chunks for c in ch["choices"]][-1]
+        usage = dict(chunks[-1]["usage"])
+        assert "cached_tokens" in usage.pop("prompt_tokens_details")  # depends on the cache
+        return text, finish, usage, {ch["id"] for ch in chunks}
+
+    reference = summary(asyncio.run(_chat_events(url, body, [0])))
+    text, finish, usage, ids = reference
+    assert finish == "length" and usage["prompt_tokens"] + usage["completion_tokens"] == 512
+    before = _migrations(url)
+    chunks, victim = asyncio.run(_chat_with_kill(url, body))
+    assert victim["outstanding"] == 1
+    migrated = summary(chunks)
+    assert migrated[:3] == reference[:3]  # text, finish reason, usage
+    assert len(migrated[3]) == 1 and _migrations(url) == before + 1
+
+    def restarted() -> bool:
+        replicas = {r["id"]: r for r in httpx.get(f"{url}/admin/replicas", headers=AUTH).json()}
         return replicas[victim["id"]]["pid"] != victim["pid"] and replicas[victim["id"]]["ready"]
 
     wait_until(restarted, 90, 0.2, "the killed replica restarted")
@@ -281,16 +355,19 @@ def test_disconnected_clients_leave_nothing_running_on_real_replicas(real_fleet)
                     return
 
     async def run() -> None:
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with httpx.AsyncClient(timeout=60, headers=AUTH) as client:
             await asyncio.gather(*(leave_early(client, i) for i in range(12)))
 
     asyncio.run(run())
-    replicas = httpx.get(f"{url}/admin/replicas").json()
+    replicas = httpx.get(f"{url}/admin/replicas", headers=AUTH).json()
+    keys = {r["url"]: yaml.safe_load(_replica_config(r["pid"]).read_text())["api-key"]
+            for r in replicas}  # fmt: skip
 
     def busy() -> float:
         total = 0.0
         for r in replicas:
-            for line in httpx.get(f"{r['url']}/metrics").text.splitlines():
+            auth = {"Authorization": f"Bearer {keys[r['url']]}"}
+            for line in httpx.get(f"{r['url']}/metrics", headers=auth).text.splitlines():
                 if line.startswith(
                     ("fleetserve:num_requests_running", "fleetserve:num_requests_waiting")
                 ):
@@ -298,16 +375,19 @@ def test_disconnected_clients_leave_nothing_running_on_real_replicas(real_fleet)
         return total
 
     wait_until(lambda: busy() == 0, 10, 0.05, "replicas idle after disconnects")
-    gateway = httpx.get(f"{url}/admin/replicas").json()
+    gateway = httpx.get(f"{url}/admin/replicas", headers=AUTH).json()
     assert all(r["outstanding"] == 0 for r in gateway)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_sigterm_stops_the_whole_fleet(real_fleet):
-    _, proc = real_fleet
+    url, proc = real_fleet
     family = _descendants(proc.pid)
     assert len(family) >= 6  # 3 API servers, 3 engine cores
+    replicas = httpx.get(f"{url}/admin/replicas", headers=AUTH).json()
+    folder = _replica_config(replicas[0]["pid"]).parent
     os.kill(proc.pid, signal.SIGTERM)  # the fleet's main process only
     assert proc.wait(60) == 0
     wait_until(lambda: not any(_alive(p) for p in family), 10, what="every replica gone")
+    assert not folder.exists()

@@ -5,8 +5,11 @@
 from __future__ import annotations
 
 import abc
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+OUTPUT_TAIL_LINES = 40  # lines of a replica's stderr kept to explain why it failed
 
 
 @dataclass
@@ -15,6 +18,10 @@ class ReplicaHandle:
     url: str
     pid: int | None = None
     native: Any = field(default=None, repr=False)  # the backend's own object (a Popen, ...)
+    # The last lines the replica wrote to stderr, where the backend can see them.
+    output_tail: deque[str] = field(
+        default_factory=lambda: deque(maxlen=OUTPUT_TAIL_LINES), repr=False
+    )
 
 
 class FleetBackend(abc.ABC):
@@ -22,7 +29,8 @@ class FleetBackend(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, index: int) -> ReplicaHandle:
-        """Launch replica `index` (returns at once; it may still be loading)."""
+        """Launch replica `index` (returns at once; it may still be loading). Raises when it
+        cannot even be launched; the supervisor retries with backoff."""
 
     @abc.abstractmethod
     async def wait_ready(self, handle: ReplicaHandle, timeout_s: float) -> bool:

@@ -1,6 +1,7 @@
 """The local backend: each replica is a child process on this machine, in a process group
 of its own (so that stopping it stops its engine core too), on a free loopback port, and
-set to receive SIGTERM if this process dies first (Linux)."""
+set to receive SIGTERM if this process dies first (Linux). Its stderr passes through to ours
+line by line, and its last lines are kept on the handle (why did it die?)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import IO
 
 import httpx
 
@@ -60,11 +64,19 @@ class LocalBackend(FleetBackend):
         proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
             argv,
             env=self.env,
+            stderr=subprocess.PIPE,
             start_new_session=True,
             preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
         logger.info("replica %d: pid %d on port %d", index, proc.pid, port)
-        return ReplicaHandle(index, f"http://{self.host}:{port}", proc.pid, proc)
+        handle = ReplicaHandle(index, f"http://{self.host}:{port}", proc.pid, proc)
+        threading.Thread(
+            target=_pass_through,
+            args=(proc.stderr, handle.output_tail),
+            name=f"replica-{index}-stderr",
+            daemon=True,
+        ).start()
+        return handle
 
     async def wait_ready(self, handle: ReplicaHandle, timeout_s: float) -> bool:
         proc: subprocess.Popen = handle.native
@@ -95,6 +107,20 @@ class LocalBackend(FleetBackend):
             logger.warning("replica %d did not stop in %.0fs; killing it", handle.index, grace_s)
         _signal_group(proc.pid, signal.SIGKILL)  # its engine core too, whatever is left
         await asyncio.to_thread(proc.wait)
+
+
+def _pass_through(stream: IO[bytes], tail: deque[str]) -> None:
+    """Copy the replica's stderr to ours until it closes, keeping the last lines."""
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    with stream:
+        for line in stream:
+            tail.append(line.decode(errors="replace").rstrip())
+            if out is not None:
+                try:
+                    out.write(line)
+                    out.flush()
+                except (OSError, ValueError):  # our stderr is gone; keep draining the pipe
+                    out = None
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -1,13 +1,18 @@
 """`fleetserve serve MODEL --replicas N`: N replica processes on free loopback ports, a
 gateway on the public port, supervision, and a clean stop on SIGTERM.
 
-Each replica runs the very command line it was given (`fleetserve serve MODEL ...`) minus
-the options that belong to the fleet (--replicas, --host, --port, the gateway's flags, the
-API key), plus `--host 127.0.0.1 --port P` and, unless given, `--num-threads` sharing the
-CPU cores between replicas. The public API key (if any) is checked at the gateway; the
-replicas get a random internal key so that nothing else on the machine can reach them.
-On SIGTERM the gateway stops taking requests and finishes those in flight, then every
-replica is drained and stopped.
+Each replica is started from a config file written for it, not from a filtered command
+line: the resolved serve options (defaults < --config file < command line) minus the
+fleet's own (`FLEET_OPTIONS`: host, port, the public keys), plus host 127.0.0.1, its port,
+num-threads (unless given: the CPU cores shared between the replicas) and a random internal
+key as its api-key. The files are YAML in a private temporary folder (mode 0700, files
+0600), removed at stop. The public API key is checked at the gateway only: no replica ever
+sees it, and nothing else on the machine can use a replica without the internal key.
+
+On SIGTERM the gateway stops taking requests and finishes those in flight, for as long as a
+replica would (its drain timeout); then every replica is drained and stopped. If every
+replica fails to start (see `Supervisor`), the fleet stops and exits with status 1, naming
+the cause.
 """
 
 from __future__ import annotations
@@ -17,10 +22,20 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
+import socket
 import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import yaml
+
+from fleetserve.fleet.backend import FleetBackend
+from fleetserve.fleet.backoff import RestartBackoff
 from fleetserve.fleet.local import LocalBackend
-from fleetserve.fleet.supervisor import Supervisor
+from fleetserve.fleet.supervisor import DEFAULT_MAX_FAILURES, Supervisor
 from fleetserve.gateway.api_keys import ApiKey, ApiKeyStore, hash_key
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.cli import quiet_http_client_logs
@@ -32,98 +47,186 @@ from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "FLEETSERVE_API_KEY"  # what `fleetserve serve` reads its key from
-# Options of `fleetserve serve` that the fleet consumes: never passed on to a replica.
-FLEET_OPTIONS = {
-    "--replicas",
-    "--host",
-    "--port",
-    "--router",
-    "--api-keys-file",
-    "--gateway-config",
-    "--api-key",
-}
+# Serve options the fleet consumes: never written into a replica's config. (The fleet's
+# and the gateway's own flags are not serve options, so they never get there either.)
+FLEET_OPTIONS = frozenset({"host", "port", "api_key", "operator_key"})
+INTERNAL_KEY = "<internal key>"  # in EXTRA_REPLICA_OPTIONS: replaced by the fleet's key
+# Replica options that other branches add; before they land, an unknown config key is an
+# error, so they are off. TODO(coordinator): after merging them, switch on
+#     {"operator-key": INTERNAL_KEY, "allow-client-priority": True}
+# operator-key: the gateway reads /metrics and /v1/kv_events with the internal key;
+# allow-client-priority: the priority a replica gets is the one the gateway forwards.
+EXTRA_REPLICA_OPTIONS: dict[str, Any] = {}
+# Past its drain timeout, a replica gets this long to exit before it is killed.
+STOP_MARGIN_S = 5.0
 
 
 def add_replicated_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--replicas` and the gateway's options, for `fleetserve serve`."""
+    """`--replicas`, the fleet's and the gateway's options, for `fleetserve serve`."""
     parser.add_argument(
         "--replicas",
         type=int,
         default=1,
         help="replica processes behind one gateway on --port (default: 1, no gateway)",
     )
+    parser.add_argument(
+        "--replica-max-failures",
+        type=int,
+        default=DEFAULT_MAX_FAILURES,
+        metavar="K",
+        help="with --replicas: give up on a replica that failed to start K times in a row "
+        "(it exited before it was ready); the fleet exits if every replica did "
+        f"(default: {DEFAULT_MAX_FAILURES})",
+    )
     add_gateway_arguments(parser, tuning=False)
 
 
-def replica_argv(argv: list[str]) -> list[str]:
-    """`argv` (the full fleetserve command line, `serve` included) without the fleet's
-    options, in both `--opt value` and `--opt=value` forms."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in FLEET_OPTIONS:
-            skip = "=" not in arg
-            continue
-        out.append(arg)
-    return out
+def replica_config(
+    options: dict[str, Any],
+    port: int,
+    internal_key: str,
+    extra: dict[str, Any] = EXTRA_REPLICA_OPTIONS,
+) -> dict[str, Any]:
+    """The config file of the replica on `port`: `options` (resolved serve options, model
+    and num_threads included) without the fleet's own, then the fleet's settings."""
+    config = {
+        name.replace("_", "-"): value
+        for name, value in options.items()
+        if name not in FLEET_OPTIONS and value is not None
+    }
+    config.update({"host": "127.0.0.1", "port": port, "api-key": internal_key})
+    config.update({k: internal_key if v == INTERNAL_KEY else v for k, v in extra.items()})
+    return config
 
 
-def run_replicated(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    """Entry point for `fleetserve serve --replicas N` (N >= 2). `argv` defaults to
-    `sys.argv[1:]`. Returns the process exit code."""
+class ReplicaConfigs:
+    """Writes the replicas' config files into a private folder; `close()` removes it."""
+
+    def __init__(self, options: dict[str, Any], internal_key: str) -> None:
+        self.options = options
+        self.internal_key = internal_key
+        self.folder = Path(tempfile.mkdtemp(prefix="fleetserve-replicas-"))  # mode 0700
+
+    def write(self, port: int) -> Path:
+        path = self.folder / f"replica-{port}.yaml"
+        text = yaml.safe_dump(replica_config(self.options, port, self.internal_key))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return path
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_replicated(args: argparse.Namespace) -> int:
+    """Entry point for `fleetserve serve --replicas N` (N >= 2). Returns the exit code."""
     from fleetserve.server.cli import default_model, resolve_options
 
     quiet_http_client_logs()
-    options = resolve_options(args)
-    num = int(getattr(args, "replicas", 1))
-    config = config_from_args(args)
-    api_keys = api_keys_from_args(args)
+    try:
+        options = resolve_options(args)
+        config = config_from_args(args)
+        api_keys = api_keys_from_args(args)
+        model = options.get("model") or default_model()
+    except (ValueError, TypeError, OSError) as exc:
+        return _usage_error(args, str(exc))
+    num = int(args.replicas)
+    max_failures = int(getattr(args, "replica_max_failures", DEFAULT_MAX_FAILURES))
+    if max_failures < 1:
+        return _usage_error(args, f"--replica-max-failures must be >= 1, got {max_failures}")
     public_key = options.get("api_key")
     if public_key:
         single = ApiKeyStore([(bytes.fromhex(hash_key(public_key)), ApiKey("default", admin=True))])
         api_keys = api_keys or single
-    model = options.get("model") or default_model()
     tokenizer_path = options.get("tokenizer") or model
-    child_argv = replica_argv(sys.argv[1:] if argv is None else argv)
-    if options.get("num_threads") is None:
-        threads = max(1, (os.cpu_count() or 1) // num)
-        child_argv += ["--num-threads", str(threads)]
+    replica_options = {
+        **options,
+        "model": model,
+        "num_threads": options.get("num_threads") or max(1, (os.cpu_count() or 1) // num),
+    }
     internal_key = secrets.token_urlsafe(24)
-    env = {**os.environ, API_KEY_ENV: internal_key}
-
-    def command(port: int) -> list[str]:
-        return [sys.executable, "-m", "fleetserve.cli", *child_argv,
-                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-
-    sock = bind(options["host"], options["port"])
+    # The replicas read their key from their config; the public one stays out of their env.
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    drain_s = float(options["drain_timeout"])
+    try:
+        sock = bind(options["host"], options["port"])
+    except OSError as exc:
+        return _usage_error(args, f"cannot listen on {options['host']}:{options['port']}: {exc}")
     url = f"http://{options['host']}:{sock.getsockname()[1]}"
     print(f"fleetserve: gateway on {url}; starting {num} replicas of {model} ...", flush=True)
+    configs = ReplicaConfigs(replica_options, internal_key)
+    log_level = getattr(args, "log_level", "INFO")
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "fleetserve.cli", "--log-level", log_level,
+                "serve", "--config", str(configs.write(port))]  # fmt: skip
+
+    gw = Gateway(config, api_keys, upstream_api_key=internal_key)
+    backend = LocalBackend(command, env, health_headers={"Authorization": f"Bearer {internal_key}"})
     files = TokenizerFiles()
     try:
-        run(_serve(config, api_keys, internal_key, num, command, env, sock, tokenizer_path, files))
+        failure = run(
+            serve_fleet(gw, backend, num, sock, tokenizer_path, files, drain_s, max_failures)
+        )
     finally:
         files.cleanup()
+        configs.close()
+    if failure:
+        print(f"fleetserve: {failure}", file=sys.stderr, flush=True)
+        return 1
+    print("fleetserve: stopped", flush=True)
     return 0
 
 
-async def _serve(config, api_keys, internal_key, num, command, env, sock, tokenizer_path, files):
-    gw = Gateway(config, api_keys, upstream_api_key=internal_key)
-    backend = LocalBackend(command, env, health_headers={"Authorization": f"Bearer {internal_key}"})
-    supervisor = Supervisor(backend, gw, num)
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    parser = getattr(args, "_parser", None)
+    if parser is not None:
+        parser.error(message)  # exits with status 2
+    print(f"fleetserve: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+async def serve_fleet(
+    gw: Gateway,
+    backend: FleetBackend,
+    num: int,
+    sock: socket.socket,
+    tokenizer_path: str | None,
+    files: TokenizerFiles,
+    drain_s: float,
+    max_failures: int = DEFAULT_MAX_FAILURES,
+    backoff: Callable[[], RestartBackoff] = RestartBackoff,
+) -> str | None:
+    """Run `num` supervised replicas behind `gw` on `sock` until SIGTERM/SIGINT or until
+    every replica failed. The gateway finishes the streams in flight for up to `drain_s`
+    (the replicas' own drain timeout) before the replicas are stopped, each with as long
+    again. Returns why the fleet failed, or None after a requested stop."""
+    supervisor = Supervisor(
+        backend,
+        gw,
+        num,
+        stop_grace_s=drain_s + STOP_MARGIN_S,
+        max_failures=max_failures,
+        backoff=backoff,
+    )
     supervisor.start()
-    tokenizer = asyncio.create_task(_load_tokenizer(gw, tokenizer_path, files))
+    tokenizer = None
+    if tokenizer_path:
+        tokenizer = asyncio.create_task(_load_tokenizer(gw, tokenizer_path, files))
     try:
-        await serve_app(create_app(gw), sock)
+        await serve_app(create_app(gw), sock, graceful_s=drain_s, stop=supervisor.all_failed)
     finally:
         logger.info("stopping %d replicas", num)
-        tokenizer.cancel()
+        if tokenizer is not None:
+            tokenizer.cancel()
         await supervisor.stop()
-        await asyncio.gather(tokenizer, return_exceptions=True)
-    print("fleetserve: stopped", flush=True)
+        if tokenizer is not None:
+            await asyncio.gather(tokenizer, return_exceptions=True)
+    if supervisor.all_failed.is_set():
+        causes = "; ".join(f"r{i} {why}" for i, why in sorted(supervisor.failed.items()))
+        return f"every replica failed to start: {causes}"
+    return None
 
 
 async def _load_tokenizer(gw: Gateway, path: str, files: TokenizerFiles) -> None:
@@ -153,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return run_replicated(args, argv)
+    return run_replicated(args)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,8 @@ def _describe(gw: Gateway, replica: Replica) -> dict:
         "url": replica.url,
         "kind": replica.kind.value,
         "pid": replica.pid,
+        "state": replica.state,
+        "failure": replica.failed,
         "ready": replica.ready,
         "down": replica.down,
         "draining": replica.draining,

@@ -195,11 +195,14 @@ def client_chunk(
     return chunk
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """Usage in the replica's shape. `cached_tokens`: prompt tokens the first replica found
+    in its prefix cache, as far as the gateway saw (its usage reports), else 0."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -211,6 +214,7 @@ def usage_chunk(
     model: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict:
     return {
         "id": stream_id,
@@ -218,5 +222,5 @@ def usage_chunk(
         "created": created,
         "model": model,
         "choices": [],
-        "usage": usage_of(prompt_tokens, completion_tokens),
+        "usage": usage_of(prompt_tokens, completion_tokens, cached_tokens),
     }

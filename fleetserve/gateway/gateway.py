@@ -115,7 +115,8 @@ class Gateway:
         )
         self._started = True
         for replica in self.replicas.values():
-            self._start_tasks(replica)
+            if replica.failed is None:
+                self._start_tasks(replica)
 
     async def stop(self) -> None:
         self._started = False
@@ -174,6 +175,15 @@ class Gateway:
             t.cancel()
         if self._started:
             self._start_tasks(replica)
+
+    def mark_failed(self, replica_id: str, url: str, reason: str) -> None:
+        """Its supervisor gave up on it: listed with its `reason`, never probed or used."""
+        if replica_id not in self.replicas:
+            self.add_replica(url, replica_id=replica_id)
+        self.mark_down(replica_id)
+        self.replicas[replica_id].failed = reason
+        for t in self._tasks.pop(replica_id, []):
+            t.cancel()
 
     def set_draining(self, replica_id: str, draining: bool) -> None:
         self.replicas[replica_id].draining = draining

@@ -35,6 +35,7 @@ class Replica:
     ready: bool = False
     draining: bool = False
     down: bool = False  # its process is known to be gone (supervisor)
+    failed: str | None = None  # why its supervisor gave up restarting it (a crash loop)
     outstanding: int = 0  # requests this gateway has in flight on it
     # request id -> prompt tokens it still has to prefill here (estimated when routed),
     # for requests that have not produced a token yet
@@ -47,6 +48,17 @@ class Replica:
         self.url = self.url.rstrip("/")
         self.breaker = CircuitBreaker(self.breaker_config)
         self.prefix = PrefixIndex()
+
+    @property
+    def state(self) -> str:
+        """One word for people: failed, down, draining, ready or not_ready."""
+        if self.failed is not None:
+            return "failed"
+        if self.down:
+            return "down"
+        if self.draining:
+            return "draining"
+        return "ready" if self.ready else "not_ready"
 
     @property
     def supports_extensions(self) -> bool:

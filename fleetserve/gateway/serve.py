@@ -7,14 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class _Server(uvicorn.Server):
@@ -39,40 +43,48 @@ async def serve_app(
     sock: socket.socket,
     on_stop: Callable[[], None] | None = None,
     graceful_s: float = 10.0,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (then `on_stop()` is called) or until cancelled."""
+    """Serve until SIGTERM/SIGINT (then `on_stop()` is called), until `stop` is set, or
+    until cancelled. Requests in flight at that point get `graceful_s` to finish."""
     config = uvicorn.Config(
         app,
         log_level="warning",
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=int(graceful_s),
+        timeout_graceful_shutdown=math.ceil(graceful_s),
         timeout_keep_alive=30,
     )
     server = _Server(config)
     loop = asyncio.get_running_loop()
 
-    def stop(sig: signal.Signals) -> None:
-        logger.info("%s: shutting down", sig.name)
+    def shut_down(why: str) -> None:
+        logger.info("%s: shutting down", why)
         server.should_exit = True
         if on_stop is not None:
             on_stop()
 
+    async def shut_down_when_set(event: asyncio.Event) -> None:
+        await event.wait()
+        shut_down("stop requested")
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, sig)
+        loop.add_signal_handler(sig, shut_down, sig.name)
+    watcher = asyncio.create_task(shut_down_when_set(stop)) if stop is not None else None
     try:
         await server.serve(sockets=[sock])
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
 
-def run(main) -> None:
-    """Run the coroutine `main` on uvloop when it is installed."""
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run the coroutine `main` on uvloop when it is installed; returns its result."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-        return
+        return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
+        return runner.run(main)

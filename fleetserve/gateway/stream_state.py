@@ -51,6 +51,7 @@ class StreamState:
         self.created = 0
         self.model = str(body.get("model") or "")
         self.usage_sent = False
+        self.cached_tokens = 0  # of the prompt, on the first replica (from its usage, if any)
         self.continuing = False  # events now come from a continuation
         self.detok: IncrementalDetokenizer | None = None
         self.token_sent = False  # some token or text reached the client
@@ -104,8 +105,13 @@ class StreamState:
                 self.token_sent = True
             if choice.get("finish_reason") is not None:
                 self.finish[idx] = choice["finish_reason"]
-        if not obj.get("choices") and obj.get("usage") is not None:
-            self.usage_sent = True
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                self.cached_tokens = details["cached_tokens"]
+            if not obj.get("choices"):
+                self.usage_sent = True
         return [encode_event(obj)]
 
     def _note_prompt(self, ids: Any) -> None:
@@ -156,7 +162,7 @@ class StreamState:
             self.finish[0] = finish
         usage = None
         if self.continuous_usage and self.prompt_ids is not None:
-            usage = usage_of(len(self.prompt_ids), len(self.generated[0]))
+            usage = usage_of(len(self.prompt_ids), len(self.generated[0]), self.cached_tokens)
         chunk = client_chunk(
             chat=self.chat,
             stream_id=self.stream_id,
@@ -185,6 +191,7 @@ class StreamState:
                 model=self.model,
                 prompt_tokens=len(self.prompt_ids),
                 completion_tokens=completion,
+                cached_tokens=self.cached_tokens,
             )
             events.append(encode_event(chunk))
             self.usage_sent = True
