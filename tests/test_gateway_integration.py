@@ -33,10 +33,17 @@ FAST = {
 
 
 class Fleet:
-    def __init__(self, n: int = 3, api_keys=None, kinds=None, **config) -> None:
+    def __init__(
+        self, n: int = 3, api_keys=None, kinds=None, upstream_api_key=None, **config
+    ) -> None:
         self.fakes = [FakeReplica(FakeSettings(token_delay_s=0.002)) for _ in range(n)]
         self.servers = [ThreadServer(f.app()).start() for f in self.fakes]
-        self.gw = Gateway(GatewayConfig(**{**FAST, **config}), api_keys, ByteTokenizer())
+        self.gw = Gateway(
+            GatewayConfig(**{**FAST, **config}),
+            api_keys,
+            ByteTokenizer(),
+            upstream_api_key=upstream_api_key,
+        )
         for i, server in enumerate(self.servers):
             kind = kinds[i] if kinds else ReplicaKind.FLEETSERVE
             self.gw.add_replica(server.url, kind)
@@ -321,6 +328,34 @@ def test_api_keys_and_rate_limits(tmp_path):
         listing = httpx.get(f"{fleet.url}/admin/replicas", headers=_bearer("k2"))
         assert listing.status_code == 200 and listing.json()[0]["id"] == "r0"
         assert 'reason="requests_per_s"' in fleet.metrics()
+    finally:
+        fleet.close()
+
+
+def test_migration_sends_the_internal_key_to_fleetserve_replicas_only(tmp_path):
+    """A continuation carries the gateway's own upstream key, never the client's; and it
+    goes only to a fleetserve replica, never to a plain OpenAI-compatible one."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n  - name: client\n    sha256: '{hash_key('client-secret')}'\n")
+    kinds = [ReplicaKind.FLEETSERVE, ReplicaKind.FLEETSERVE, ReplicaKind.OPENAI]
+    fleet = Fleet(n=3, api_keys=load_api_keys(path), kinds=kinds, upstream_api_key="internal")
+    try:
+        body = {**COMPLETION, "max_tokens": 30}
+        expected = reference(fleet, False, body)
+        fleet.control(0, die_after_tokens=5)
+        fleet.control(1, die_after_tokens=15)
+        for fake in fleet.fakes:
+            fake.headers.clear()
+            fake.bodies.clear()
+        for _ in range(3):
+            text, chunks = stream(fleet.url, False, body, headers=_bearer("client-secret"))
+            assert text == expected and len({c["id"] for c in chunks}) == 1
+        assert _counter(fleet.metrics(), "fleetserve:gateway_migrations_total") >= 1
+        continued = [b for b in fleet.fakes[2].bodies if isinstance(b.get("prompt"), list)]
+        assert not continued  # the OpenAI-kind replica got first attempts only
+        seen = [h for fake in fleet.fakes for h in fake.headers]
+        assert seen and all(h.get("authorization") == "Bearer internal" for h in seen)
+        assert not any("client-secret" in str(h) for h in seen)
     finally:
         fleet.close()
 

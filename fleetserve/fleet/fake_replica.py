@@ -96,6 +96,7 @@ class FakeReplica:
         self.hits = 0
         self.request_ids: list[str] = []
         self.bodies: list[dict] = []
+        self.headers: list[dict[str, str]] = []  # of each generation request
         self._slots: asyncio.Semaphore | None = None
 
     # ---- the prefix cache -------------------------------------------------------------------
@@ -242,6 +243,7 @@ class FakeReplica:
         body = await request.json()
         self.request_ids.append(rid)
         self.bodies.append(body)
+        self.headers.append(dict(request.headers))
         if self.s.fail_status and self.s.fail_count > 0 and not rid.startswith("probe"):
             self.s.fail_count -= 1
             return JSONResponse({"error": {"message": "injected"}}, self.s.fail_status)
