@@ -73,7 +73,7 @@ def test_min_tokens_above_max_tokens_names_min_tokens():
 
 
 def test_error_message_says_what_was_given():
-    with pytest.raises(ValueError, match=r"^temperature must be >= 0, got -1\.0$"):
+    with pytest.raises(ValueError, match=r"^temperature must be in \[0, 100\], got -1\.0$"):
         SamplingParams(temperature=-1.0)
 
 

@@ -185,6 +185,26 @@ class KVCacheManager:
                     )
                 )
 
+    def blocks_registered_for(self, request_id: str, start: int, end: int) -> list[Block]:
+        """The request's blocks that `allocate_slots` registered in the prefix cache for
+        positions [start, end), i.e. before a step computed them: the full blocks holding
+        a position >= start. (Blocks before position `start` were computed by earlier steps
+        or are prefix hits; they are not returned.)"""
+        blocks = self.req_blocks.get(request_id, [])
+        first, last = start // self.block_size, end // self.block_size
+        return [b for b in blocks[first:last] if b.block_hash is not None]
+
+    def uncache(self, blocks: list[Block]) -> None:
+        """Withdraw blocks from the prefix cache, because the step that was to fill them did
+        not. They stay in their request's block table; nobody else can find them now."""
+        for block in blocks:
+            if block.block_hash is None:
+                continue
+            del self.cached[block.block_hash]
+            if self.record_events:
+                self.events.append(KVEvent("removed", (block.block_hash,)))
+            block.block_hash = block.token_ids = None
+
     def _touch(self, block: Block) -> None:
         if block.ref_cnt == 0:
             del self.free_queue[block.block_id]
