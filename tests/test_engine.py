@@ -111,6 +111,9 @@ def test_prompt_logprobs_match_transformers(llm, tiny_llama, hf_models):
     assert len(out.prompt_logprobs) == len(prompt)
     for pos in range(1, len(prompt)):
         assert abs(out.prompt_logprobs[pos][prompt[pos]] - float(ref[pos - 1, prompt[pos]])) < 1e-4
+    # Again, with the prompt's blocks in the prefix cache: still every position.
+    again = llm.generate([prompt], greedy(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    assert again.prompt_logprobs == out.prompt_logprobs
 
 
 @pytest.mark.parametrize(
@@ -134,10 +137,13 @@ def test_greedy_output_unchanged_by_chunking_and_preemption(tiny_llama, hf_model
     llm = LLM(tiny_llama, dtype="float32", **kwargs)
     hf = hf_models(tiny_llama)
     prompts = random_prompts(12, llm.engine.model_config.vocab_size, seed=5, lo=20, hi=40)
-    outs = llm.generate(prompts, greedy(max_tokens=16), use_tqdm=False)
+    outs = llm.generate(prompts, greedy(max_tokens=16, prompt_logprobs=1), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         expected, _ = hf_greedy(hf, prompt, 16)
         assert out.outputs[0].token_ids == expected
+        # One entry per prompt position, even for a prompt computed again after preemption.
+        assert len(out.prompt_logprobs) == len(prompt)
+        assert [next(iter(lp)) for lp in out.prompt_logprobs[1:]] == prompt[1:]
     if num_blocks:
         assert llm.engine.kv_cache.num_usable_blocks == num_blocks - 1
         assert llm.engine.scheduler.num_preemptions > 0

@@ -151,9 +151,10 @@ class EngineCore:
             )
             outputs[u.request_id] = out
             self.generation_tokens_total += len(u.new_token_ids)
-        live = {s.request.request_id for s in sched.scheduled} - result.errors.keys()
-        for request_id, lps in result.prompt_logprobs.items():
-            if request_id in live:
+        for s in sched.scheduled:  # the requests preempted by `fail_requests` have left it
+            request_id = s.request.request_id
+            lps = result.prompt_logprobs.get(request_id)
+            if lps is not None and request_id not in result.errors and (lps := _unsent(s, lps)):
                 out = outputs.setdefault(request_id, EngineCoreOutput(request_id, []))
                 out.prompt_logprobs = lps
         return list(outputs.values())
@@ -219,3 +220,16 @@ class EngineCore:
 
     def take_kv_events(self) -> list[KVEvent]:
         return self.kv_cache.take_events()
+
+
+def _unsent(s: ScheduledRequest, prompt_logprobs: list) -> list:
+    """The prompt logprobs of this step not sent before: a preempted request computes its
+    prompt again, and each position must go out once. The list of a step that computes
+    positions [start, end) starts at position `start + 1` (the previous one predicted
+    `start`), or at position 0 (None) when start is 0."""
+    request = s.request
+    first = 0 if s.num_computed_tokens == 0 else s.num_computed_tokens + 1
+    skip = max(0, request.num_prompt_logprobs_sent - first)
+    end = first + len(prompt_logprobs)
+    request.num_prompt_logprobs_sent = max(request.num_prompt_logprobs_sent, end)
+    return prompt_logprobs[skip:]

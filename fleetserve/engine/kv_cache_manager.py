@@ -114,6 +114,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         self._update_hashes(request)
+        if request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # as in vLLM: a cached position has no logits to give logprobs from
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
         for i, block_hash in enumerate(request.block_hashes[:max_blocks]):
