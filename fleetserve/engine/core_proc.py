@@ -254,9 +254,12 @@ class CoreLoop:
         self.outputs.extend(outputs)
 
     def _fail_all(self, exc: Exception) -> list[EngineCoreOutput]:
-        """A step raised: a bug. End every live request with an error instead of leaving it
-        hanging; if even that fails, the core's state is beyond repair and the process exits
-        (the API server notices and exits too, so that a supervisor restarts the replica)."""
+        """A step raised past `EngineCore.step`'s own isolation (which ends only the requests
+        that make the model run or the sampler fail): a bug in the bookkeeping, after which
+        no request's state can be trusted. End every live request with an error instead of
+        leaving it hanging; if even that fails, the core's state is beyond repair and the
+        process exits (the API server notices and exits too, so that a supervisor restarts
+        the replica)."""
         logger.error(
             "engine step failed; failing %d requests\n%s", len(self.arrived), traceback.format_exc()
         )
