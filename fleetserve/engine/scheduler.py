@@ -244,7 +244,12 @@ class Scheduler:
         """Apply a step's results: advance computed tokens, append sampled tokens, check
         stop conditions (EOS, stop token ids, max_tokens, context length) and free the blocks
         of finished requests. Stop *strings* are checked by the detokenizing front end, which
-        aborts the request. `sampled` maps request id -> token for requests that sampled."""
+        aborts the request. `sampled` maps request id -> token for requests that sampled.
+
+        Invariant: a step advances a request here and nowhere else, exactly once; between
+        `schedule` and `update` a request keeps its tokens and `num_computed_tokens` (a prefix
+        hit of a newly admitted request excepted, see `fail_requests`), so a runner that
+        raised can be run again on the same `out`."""
         updates = []
         for s in out.scheduled:
             request = s.request
