@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -110,6 +111,9 @@ def test_prompt_logprobs_match_transformers(llm, tiny_llama, hf_models):
     assert len(out.prompt_logprobs) == len(prompt)
     for pos in range(1, len(prompt)):
         assert abs(out.prompt_logprobs[pos][prompt[pos]] - float(ref[pos - 1, prompt[pos]])) < 1e-4
+    # Again, with the prompt's blocks in the prefix cache: still every position.
+    again = llm.generate([prompt], greedy(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    assert again.prompt_logprobs == out.prompt_logprobs
 
 
 @pytest.mark.parametrize(
@@ -133,10 +137,13 @@ def test_greedy_output_unchanged_by_chunking_and_preemption(tiny_llama, hf_model
     llm = LLM(tiny_llama, dtype="float32", **kwargs)
     hf = hf_models(tiny_llama)
     prompts = random_prompts(12, llm.engine.model_config.vocab_size, seed=5, lo=20, hi=40)
-    outs = llm.generate(prompts, greedy(max_tokens=16), use_tqdm=False)
+    outs = llm.generate(prompts, greedy(max_tokens=16, prompt_logprobs=1), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         expected, _ = hf_greedy(hf, prompt, 16)
         assert out.outputs[0].token_ids == expected
+        # One entry per prompt position, even for a prompt computed again after preemption.
+        assert len(out.prompt_logprobs) == len(prompt)
+        assert [next(iter(lp)) for lp in out.prompt_logprobs[1:]] == prompt[1:]
     if num_blocks:
         assert llm.engine.kv_cache.num_usable_blocks == num_blocks - 1
         assert llm.engine.scheduler.num_preemptions > 0
@@ -267,4 +274,98 @@ def test_out_of_vocab_ids_are_errors_not_crashes(llm):
     params = greedy(min_tokens=2, stop_token_ids=[vocab + 5])
     bad_stop = llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]
     assert bad_stop.outputs[0].finish_reason == "error" and "stop_token_ids" in bad_stop.error
+    assert_all_blocks_free(llm)
+
+
+# ---- a request that makes its step fail ends alone -----------------------------------------
+
+
+def poisoned(params: SamplingParams) -> SamplingParams:
+    return dataclasses.replace(params, extra={"poison": True})
+
+
+def is_poison(request) -> bool:
+    return request.sampling_params.extra.get("poison", False)
+
+
+def poison_runner(monkeypatch, llm: LLM, after_tokens: int) -> list[int]:
+    """Make every step that schedules a poison request with `after_tokens` or more output
+    tokens raise before the model runs. Returns the sizes of the batches the runner saw."""
+    runner = llm.engine.runner
+    execute = runner.execute
+    sizes: list[int] = []
+
+    def failing_execute(out):
+        sizes.append(len(out.scheduled))
+        for s in out.scheduled:
+            if is_poison(s.request) and s.request.num_output_tokens >= after_tokens:
+                raise IndexError("index out of range in self")
+        return execute(out)
+
+    monkeypatch.setattr(runner, "execute", failing_execute)
+    return sizes
+
+
+def test_a_request_that_fails_its_step_ends_alone_and_the_rest_are_token_exact(llm, monkeypatch):
+    prompts = random_prompts(7, llm.engine.model_config.vocab_size, seed=20)
+    seeded = SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)
+    params = [greedy(30)] * 6 + [seeded]
+    alone = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    sizes = poison_runner(monkeypatch, llm, after_tokens=2)
+    outs = llm.generate([[9, 10, 11]] + prompts, [poisoned(greedy(30))] + params, use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "error"
+    assert "IndexError" in outs[0].error
+    assert len(outs[0].outputs[0].token_ids) == 2  # what it had before it went bad
+    assert [o.outputs[0].token_ids for o in outs[1:]] == alone
+    assert all(o.error is None for o in outs[1:])
+    assert max(sizes) == 8 and 1 in sizes  # it failed in a full batch and was bisected out
+    assert_all_blocks_free(llm)
+
+
+def test_blocks_a_failed_step_did_not_write_are_never_reused(llm, monkeypatch):
+    """The poison shares two full blocks of prompt with the victim. Admitted in the same
+    step, the victim takes the poison's blocks as prefix hits before they are computed; the
+    victim must then be recomputed. Failing alone, the poison must leave no cached block."""
+    base = random_prompts(1, llm.engine.model_config.vocab_size, seed=21, lo=40)[0][:32]
+    victim, poison = base + [7, 8, 9], base + [10, 11]
+    expected = llm.generate([victim], greedy(16), use_tqdm=False)[0].outputs[0].token_ids
+    for together in (True, False):
+        llm.engine.kv_cache.reset_prefix_cache()  # the victim must not find its own blocks
+        with monkeypatch.context() as m:
+            poison_runner(m, llm, after_tokens=0)
+            prompts, params = [poison, victim], [poisoned(greedy(16)), greedy(16)]
+            if not together:
+                prompts, params = prompts[:1], params[:1]
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        assert outs[0].outputs[0].finish_reason == "error"
+        assert_all_blocks_free(llm)
+        again = llm.generate([victim], greedy(16), use_tqdm=False)[0]
+        assert again.outputs[0].token_ids == expected
+        if together:
+            assert outs[1].outputs[0].token_ids == expected
+        else:
+            assert again.num_cached_tokens == 0  # the poison's blocks were withdrawn
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_of_one_request_leave_the_others_exact(llm, monkeypatch, value):
+    prompts = random_prompts(3, llm.engine.model_config.vocab_size, seed=22)
+    alone = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(), use_tqdm=False)]
+    sampler = llm.engine.runner.sampler
+
+    def crafted(logits, requests):  # the poison's row of logits is `value` everywhere
+        for i, r in enumerate(requests):
+            if is_poison(r):
+                logits[i] = value
+        return sampler(logits, requests)
+
+    monkeypatch.setattr(llm.engine.runner, "sampler", crafted)
+    params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
+    outs = llm.generate([[5, 6, 7]] + prompts, [poisoned(params)] + [greedy()] * 3, use_tqdm=False)
+    bad = outs[0].outputs[0]
+    if value == float("inf"):  # every token is infinitely likely: the first one wins
+        assert bad.finish_reason == "length" and set(bad.token_ids) == {0}
+    else:  # nothing to pick
+        assert bad.finish_reason == "error" and "NaN or -inf" in outs[0].error
+    assert [o.outputs[0].token_ids for o in outs[1:]] == alone
     assert_all_blocks_free(llm)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fleetserve.engine.request import Request
-from fleetserve.engine.sampler import Sampler, keep_nucleus_
+from fleetserve.engine.sampler import Sampler, keep_nucleus_, seeded_uniform
 from fleetserve.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -121,3 +121,62 @@ def test_nucleus_matches_a_full_sort_whatever_its_width(first_k: int) -> None:
         assert torch.equal(filtered[row] > 0, expected), row
         assert torch.equal(filtered[row][expected], weights[row][expected])  # kept unchanged
     assert torch.equal(filtered[7], weights[7])  # top_p 1: untouched
+
+
+# ---- rows that would overflow ------------------------------------------------------------
+
+INF, NAN = float("inf"), float("nan")
+BROKEN_ROWS = {
+    "all nan": [NAN] * 8,
+    "all +inf": [INF] * 8,
+    "all -inf": [-INF] * 8,
+    "mixed": [1.0, 2.0, NAN, 3.0, INF, -INF, 0.0, 0.0],
+    "huge": [1e35, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    "normal": [0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0],
+}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 0.0},
+        {"temperature": 1.0},
+        {"temperature": 1.0, "seed": 2**64 - 1},
+        {"temperature": 1e-5, "top_p": 0.5, "top_k": 3, "min_p": 0.1, "logprobs": 2},
+        {"temperature": 1.0, "repetition_penalty": 0.01, "frequency_penalty": -2.0},
+    ],
+)
+def test_non_finite_rows_give_ids_inside_the_vocabulary(params) -> None:
+    rows = list(BROKEN_ROWS.values())
+    batch = requests(len(rows), **params)
+    for r in batch:
+        r.append_output_token(4)  # something for the penalties to act on
+    out = Sampler(0, CPU)(torch.tensor(rows), batch)
+    assert all(0 <= t < 8 for t in out.token_ids), out.token_ids
+    names = list(BROKEN_ROWS)
+    # Nothing finite to pick: those requests fail; the others get the best token they have.
+    assert {names[i] for i in out.errors} == {"all nan", "all -inf"}
+    assert out.token_ids[names.index("mixed")] == 4  # +inf beats every finite logit
+    assert out.token_ids[names.index("huge")] == 0
+    if params.get("logprobs") is not None:
+        assert out.logprobs[names.index("all nan")] is None
+
+
+def test_a_tiny_temperature_does_not_overflow() -> None:
+    tokens = draw([3e4, 0.0, -3e4, 1.0], 50, temperature=1e-4)
+    assert tokens.tolist() == [0] * 50
+
+
+def test_a_seeded_draw_depends_on_seed_and_position_only() -> None:
+    """A step run again after a failure elsewhere in its batch must draw the same."""
+    logits = torch.zeros(1, 1000)
+    request = requests(1, temperature=1.0, seed=5)[0]
+    sampler = Sampler(0, CPU)
+    first = [sampler(logits.clone(), [request]).token_ids[0] for _ in range(3)]
+    assert len(set(first)) == 1  # the same position: the same draw, however often
+    request.append_output_token(first[0])
+    assert sampler(logits.clone(), [request]).token_ids[0] != first[0]  # 1 in 1000 to fail
+    assert seeded_uniform(-1, 7) == seeded_uniform(2**64 - 1, 7)  # seeds are taken mod 2**64
+    draws = [seeded_uniform(123, k) for k in range(20_000)]
+    assert all(0.0 <= u < 1.0 for u in draws)
+    assert abs(sum(draws) / len(draws) - 0.5) < 0.01

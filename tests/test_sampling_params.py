@@ -40,6 +40,15 @@ def test_defaults_are_valid_and_match_vllm():
         ("min_p", 1.01),
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -1.0),
+        ("repetition_penalty", 1e-40),  # divides a logit of 5 past float32's range
+        ("repetition_penalty", 10.01),
+        ("temperature", 100.01),
+        ("temperature", float("inf")),
+        ("seed", 2**64),  # no longer a uint64: msgpack cannot carry it to the core
+        ("seed", -(2**63) - 1),
+        ("max_tokens", 2**63),
+        ("min_tokens", 2**63),
+        ("top_k", 2**63),
         ("presence_penalty", 2.01),
         ("presence_penalty", -2.01),
         ("frequency_penalty", 2.01),
@@ -73,7 +82,7 @@ def test_min_tokens_above_max_tokens_names_min_tokens():
 
 
 def test_error_message_says_what_was_given():
-    with pytest.raises(ValueError, match=r"^temperature must be >= 0, got -1\.0$"):
+    with pytest.raises(ValueError, match=r"^temperature must be in \[0, 100\], got -1\.0$"):
         SamplingParams(temperature=-1.0)
 
 
@@ -111,6 +120,11 @@ def test_boundary_values_are_accepted():
     assert p.max_tokens == 1
     assert SamplingParams(max_tokens=None, min_tokens=1000).max_tokens is None
     assert SamplingParams(top_p=1e-9).top_p == 1e-9
+    for seed in (2**64 - 1, -(2**63)):
+        assert SamplingParams(seed=seed).seed == seed
+    for penalty in (0.01, 10.0):
+        assert SamplingParams(repetition_penalty=penalty).repetition_penalty == penalty
+    assert SamplingParams(temperature=100.0, max_tokens=2**63 - 1).temperature == 100.0
 
 
 def test_stop_string_becomes_a_one_element_tuple():

@@ -37,6 +37,7 @@ def test_async_engine(tiny_llama):
         try:
             assert engine.check_health() and engine.max_model_len == 512
             await bad_input_is_survived(engine)
+            await a_request_that_cannot_be_sent_is_not_counted(engine)
             await closing_a_stream_aborts_it(engine)
             await n_fans_out_and_kv_events_flow(engine)
         finally:
@@ -63,6 +64,18 @@ async def bad_input_is_survived(engine: AsyncEngine) -> None:
         await anext(engine.generate([5, 6], greedy(5), "twice"))
     await first.aclose()
     assert engine.check_health()
+
+
+async def a_request_that_cannot_be_sent_is_not_counted(engine: AsyncEngine) -> None:
+    unsendable = greedy(5, n=3, extra={"not msgpack": object()})
+    with pytest.raises(ValueError, match="cannot be sent"):
+        await anext(engine.generate([5, 6], unsendable, "unsendable"))
+    assert engine.num_in_flight == 0 and not engine._processor.parents
+    # The same id is free again, and seeds near 2**64 - 1 fan out (seed + i wraps).
+    params = SamplingParams(n=3, temperature=1.0, seed=2**64 - 1, max_tokens=3, ignore_eos=True)
+    final = [o async for o in engine.generate([5, 6], params, "unsendable")][-1]
+    assert [len(c.token_ids) for c in final.outputs] == [3, 3, 3]
+    assert engine.num_in_flight == 0
 
 
 async def closing_a_stream_aborts_it(engine: AsyncEngine) -> None:

@@ -32,6 +32,7 @@ class StreamInThread:
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         self.body = body
         self.tokens = 0
+        self.token_ids: list[int] = []
         self.finish_reason = None
         self.error: Exception | None = None
         self.first = threading.Event()
@@ -44,6 +45,7 @@ class StreamInThread:
             for chunk in stream:
                 for choice in chunk.choices:
                     self.tokens += len(choice.token_ids or [])
+                    self.token_ids += choice.token_ids or []
                     self.finish_reason = choice.finish_reason or self.finish_reason
                 self.first.set()
         except Exception as exc:  # noqa: BLE001 - recorded for the test to check

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import multiprocessing
 import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from fleetserve.engine import core_proc
+from fleetserve.engine import core_proc, ipc_dir
 from fleetserve.engine.config import EngineConfig
 from fleetserve.engine.outputs import RequestOutput
 from fleetserve.engine.sampling_params import SamplingParams
@@ -164,7 +163,7 @@ class AsyncEngine:
         self._stopping = False
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._reader: asyncio.Task | None = None
-        self._tmpdir = tempfile.mkdtemp(prefix="fleetserve-")
+        self._tmpdir = ipc_dir.make_socket_dir()
         self._sync_ctx = zmq.Context()
         self._async_ctx = zmq.asyncio.Context()
         self._inbox = self._sync_ctx.socket(zmq.PUSH)  # to the core; sends never block
@@ -187,7 +186,7 @@ class AsyncEngine:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds threads
         self._proc = ctx.Process(
             target=core_proc.run_engine_core,
-            args=(self.config, input_addr, output_addr, self.log_level),
+            args=(self.config, input_addr, output_addr, self.log_level, self._tmpdir),
             name="fleetserve-engine-core",
             daemon=True,
         )
@@ -268,25 +267,23 @@ class AsyncEngine:
         else:
             text, token_ids = None, list(prompt)
         stream = _Stream(time.monotonic(), len(token_ids))
-        core_requests = self._processor.add_request(
+        children = self._processor.add_request(
             request_id, text, token_ids, sampling_params, priority, time.time()
         )
+        # Encode before anything else is registered, and unregister on every way out from
+        # here on (the finally below): a request that cannot be sent must not stay counted.
+        try:
+            messages = [core_proc.pack(["add", core_proc.request_to_dict(r)]) for r in children]
+        except Exception as exc:
+            self._processor.abort(request_id)
+            raise ValueError(f"request {request_id} cannot be sent to the engine: {exc}") from None
         self._streams[request_id] = stream
-        for req in core_requests:
-            stream.child_ids.append(req.request_id)
-            self._child_parent[req.request_id] = request_id
-            self._send(
-                "add",
-                {
-                    "request_id": req.request_id,
-                    "prompt_token_ids": req.prompt_token_ids,
-                    "sampling_params": core_proc.sampling_params_to_dict(req.sampling_params),
-                    "priority": req.priority,
-                    "arrival_time": req.arrival_time,
-                },
-            )
         finished = False
         try:
+            for req, message in zip(children, messages, strict=True):
+                stream.child_ids.append(req.request_id)
+                self._child_parent[req.request_id] = request_id
+                self._send_raw(message, "add")
             while not finished:
                 out = await stream.get()
                 finished = out.finished
@@ -302,10 +299,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request: its KV blocks are freed in the core's next loop iteration."""
         stream = self._streams.get(request_id)
-        if stream is None or self.dead:
+        if stream is None:
             return
         child_ids = self._processor.abort(request_id)
-        if child_ids:
+        if child_ids and not self.dead:
             self._send("abort", child_ids)
         stream.fail(RequestFailedError("aborted"))
 
@@ -377,8 +374,17 @@ class AsyncEngine:
                             break
                         self._last_heard = time.monotonic()
                         self._on_message(core_proc.unpack(raw))
-                elif not self._proc.is_alive() and not self._stopping:
+                elif self._stopping:
+                    continue
+                elif not self._proc.is_alive():
                     self._die(f"engine core process died (exit code {self._proc.exitcode})")
+                    return
+                elif (silent := time.monotonic() - self._last_heard) > self.health_timeout_s:
+                    # Alive but silent (hung, or stopped): as good as dead to its requests.
+                    self._die(
+                        f"engine core process {self._proc.pid} silent for {silent:.1f} s, "
+                        f"more than the health timeout of {self.health_timeout_s:g} s"
+                    )
                     return
         except asyncio.CancelledError:
             raise
@@ -438,9 +444,12 @@ class AsyncEngine:
     # ---- helpers -----------------------------------------------------------------------------
 
     def _send(self, kind: str, payload: Any) -> None:
+        self._send_raw(core_proc.pack([kind, payload]), kind)
+
+    def _send_raw(self, message: bytes, kind: str) -> None:
         try:
-            self._inbox.send(core_proc.pack([kind, payload]), zmq.NOBLOCK)
-        except zmq.Again:  # no core connected (still starting, or gone): nobody to tell
+            self._inbox.send(message, zmq.NOBLOCK)
+        except zmq.ZMQError:  # no core connected (starting, gone) or shut down: nobody to tell
             logger.debug("engine core not connected; dropped %r", kind)
 
     def _check_alive(self) -> None:

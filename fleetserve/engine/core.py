@@ -17,10 +17,16 @@ import torch
 from fleetserve.engine import device as devices
 from fleetserve.engine.config import EngineConfig
 from fleetserve.engine.kv_cache_manager import KVCacheManager, KVEvent
-from fleetserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from fleetserve.engine.model_runner import ModelRunner, RunnerOutput, kv_cache_bytes_per_block
 from fleetserve.engine.outputs import EngineCoreOutput
 from fleetserve.engine.request import EngineCoreRequest, Request, RequestStatus
-from fleetserve.engine.scheduler import RequestUpdate, Scheduler, SchedulerConfig
+from fleetserve.engine.scheduler import (
+    RequestUpdate,
+    ScheduledRequest,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +124,6 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         updates = self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
-        for u in updates:
-            self.runner.sampler.forget(u.request_id)
         return [self._output(u) for u in updates]
 
     def has_unfinished(self) -> bool:
@@ -128,14 +132,17 @@ class EngineCore:
     # ---- the step --------------------------------------------------------------------------
 
     def step(self) -> list[EngineCoreOutput]:
+        """One step. A request that makes the step fail ends alone with an error; the others
+        get exactly the tokens they would have got without it (see `_execute`)."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         self.prompt_tokens_total += sum(
             s.num_new_tokens for s in sched.scheduled if s.request.is_prefill
         )
-        result = self.runner.execute(sched)
-        updates = self.scheduler.update(sched, result.sampled)
+        result = self._execute(sched)
+        updates = self.scheduler.fail_requests(sched, result.errors) if result.errors else []
+        updates += self.scheduler.update(sched, result.sampled)
         outputs = {}
         for u in updates:
             out = self._output(u)
@@ -144,12 +151,46 @@ class EngineCore:
             )
             outputs[u.request_id] = out
             self.generation_tokens_total += len(u.new_token_ids)
-            if u.finish_reason:
-                self.runner.sampler.forget(u.request_id)
-        for request_id, lps in result.prompt_logprobs.items():
-            out = outputs.setdefault(request_id, EngineCoreOutput(request_id, []))
-            out.prompt_logprobs = lps
+        for s in sched.scheduled:  # the requests preempted by `fail_requests` have left it
+            request_id = s.request.request_id
+            lps = result.prompt_logprobs.get(request_id)
+            if lps is not None and request_id not in result.errors and (lps := _unsent(s, lps)):
+                out = outputs.setdefault(request_id, EngineCoreOutput(request_id, []))
+                out.prompt_logprobs = lps
         return list(outputs.values())
+
+    def _execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run the step's batch. If the runner raises, run halves of the failing batch, in
+        schedule order, until every failing group is one request: those requests get an error
+        (`RunnerOutput.errors`), every other one its result.
+
+        Why a rerun gives the same tokens: a failed run changed no request and no scheduler
+        state (only `Scheduler.update` moves `num_computed_tokens` and appends tokens); the
+        KV slots of the step stay allocated, and the rerun writes the same K/V into them; a
+        seeded draw depends on (seed, token index) only. Running the groups in schedule order
+        keeps a prefix hit on a block registered earlier in the step after the run that
+        writes it; `Scheduler.fail_requests` preempts the requests that read a block whose
+        writer failed. Cost: about 2 log2(batch) extra runs per failing request."""
+        try:
+            return self.runner.execute(sched)
+        except Exception as exc:  # noqa: BLE001 - find the requests that cause it
+            logger.exception("engine step of %d requests failed", len(sched.scheduled))
+            result = RunnerOutput()
+            self._isolate(sched.scheduled, exc, result)
+            return result
+
+    def _isolate(self, group: list[ScheduledRequest], exc: Exception, result: RunnerOutput):
+        if len(group) == 1:
+            request_id = group[0].request.request_id
+            logger.error("request %s fails the engine step: %r", request_id, exc)
+            result.errors[request_id] = f"engine step failed: {type(exc).__name__}: {exc}"
+            return
+        mid = len(group) // 2
+        for half in (group[:mid], group[mid:]):
+            try:
+                result.merge(self.runner.execute(SchedulerOutput(half)))
+            except Exception as half_exc:  # noqa: BLE001
+                self._isolate(half, half_exc, result)
 
     def _output(self, u: RequestUpdate) -> EngineCoreOutput:
         return EngineCoreOutput(
@@ -179,3 +220,16 @@ class EngineCore:
 
     def take_kv_events(self) -> list[KVEvent]:
         return self.kv_cache.take_events()
+
+
+def _unsent(s: ScheduledRequest, prompt_logprobs: list) -> list:
+    """The prompt logprobs of this step not sent before: a preempted request computes its
+    prompt again, and each position must go out once. The list of a step that computes
+    positions [start, end) starts at position `start + 1` (the previous one predicted
+    `start`), or at position 0 (None) when start is 0."""
+    request = s.request
+    first = 0 if s.num_computed_tokens == 0 else s.num_computed_tokens + 1
+    skip = max(0, request.num_prompt_logprobs_sent - first)
+    end = first + len(prompt_logprobs)
+    request.num_prompt_logprobs_sent = max(request.num_prompt_logprobs_sent, end)
+    return prompt_logprobs[skip:]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import time
 import traceback
@@ -38,6 +39,7 @@ import zmq
 
 from fleetserve.engine.config import EngineConfig
 from fleetserve.engine.outputs import EngineCoreOutput
+from fleetserve.engine.request import EngineCoreRequest
 from fleetserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,16 @@ def sampling_params_to_dict(params: SamplingParams) -> dict:
     return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
 
 
+def request_to_dict(req: EngineCoreRequest) -> dict:
+    return {
+        "request_id": req.request_id,
+        "prompt_token_ids": req.prompt_token_ids,
+        "sampling_params": sampling_params_to_dict(req.sampling_params),
+        "priority": req.priority,
+        "arrival_time": req.arrival_time,
+    }
+
+
 def output_to_dict(out: EngineCoreOutput) -> dict:
     return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
 
@@ -83,9 +95,14 @@ def kv_event_to_dict(event: Any) -> dict:
 
 
 def run_engine_core(
-    config: EngineConfig, input_addr: str, output_addr: str, log_level: int = logging.INFO
+    config: EngineConfig,
+    input_addr: str,
+    output_addr: str,
+    log_level: int = logging.INFO,
+    socket_dir: str | None = None,
 ) -> None:
-    """Entry point of the core process (started with the spawn method)."""
+    """Entry point of the core process (started with the spawn method). `socket_dir` holds
+    the ipc sockets: removed here if the API server dies first (it cannot remove it then)."""
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s"
     )
@@ -121,11 +138,14 @@ def run_engine_core(
                 }
             )
         )
-        CoreLoop(core, inbox, outbox).run()
+        loop = CoreLoop(core, inbox, outbox)
+        loop.run()
     finally:
         inbox.close(linger=0)
         outbox.close(linger=1000)
         ctx.term()
+    if socket_dir and loop.orphaned:
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 class CoreLoop:
@@ -137,6 +157,7 @@ class CoreLoop:
         self.outbox = outbox
         self.parent_pid = os.getppid()
         self.running = True
+        self.orphaned = False  # the API server died before telling us to stop
         self.arrived: dict[str, float] = {}  # live request id -> arrival at the core
         self.scheduled: set[str] = set()  # live requests that have left the queue once
         self.queue_times: dict[str, float] = {}  # to report in the next tick
@@ -155,6 +176,7 @@ class CoreLoop:
             self._publish(went_idle=busy and not self.core.has_unfinished())
             if os.getppid() != self.parent_pid:
                 logger.error("API server process is gone; engine core exits")
+                self.orphaned = True
                 return
 
     # ---- input -------------------------------------------------------------------------------
@@ -187,8 +209,6 @@ class CoreLoop:
             raise ValueError(f"unknown message kind {kind!r}")
 
     def _add(self, payload: dict) -> None:
-        from fleetserve.engine.request import EngineCoreRequest
-
         request_id = str(payload["request_id"])
         try:
             request = EngineCoreRequest(
@@ -234,9 +254,12 @@ class CoreLoop:
         self.outputs.extend(outputs)
 
     def _fail_all(self, exc: Exception) -> list[EngineCoreOutput]:
-        """A step raised: a bug. End every live request with an error instead of leaving it
-        hanging; if even that fails, the core's state is beyond repair and the process exits
-        (the API server notices and exits too, so that a supervisor restarts the replica)."""
+        """A step raised past `EngineCore.step`'s own isolation (which ends only the requests
+        that make the model run or the sampler fail): a bug in the bookkeeping, after which
+        no request's state can be trusted. End every live request with an error instead of
+        leaving it hanging; if even that fails, the core's state is beyond repair and the
+        process exits (the API server notices and exits too, so that a supervisor restarts
+        the replica)."""
         logger.error(
             "engine step failed; failing %d requests\n%s", len(self.arrived), traceback.format_exc()
         )

@@ -114,6 +114,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         self._update_hashes(request)
+        if request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # as in vLLM: a cached position has no logits to give logprobs from
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
         for i, block_hash in enumerate(request.block_hashes[:max_blocks]):
@@ -184,6 +186,26 @@ class KVCacheManager:
                         tuple(blocks[i].token_ids for i in run),
                     )
                 )
+
+    def blocks_registered_for(self, request_id: str, start: int, end: int) -> list[Block]:
+        """The request's blocks that `allocate_slots` registered in the prefix cache for
+        positions [start, end), i.e. before a step computed them: the full blocks holding
+        a position >= start. (Blocks before position `start` were computed by earlier steps
+        or are prefix hits; they are not returned.)"""
+        blocks = self.req_blocks.get(request_id, [])
+        first, last = start // self.block_size, end // self.block_size
+        return [b for b in blocks[first:last] if b.block_hash is not None]
+
+    def uncache(self, blocks: list[Block]) -> None:
+        """Withdraw blocks from the prefix cache, because the step that was to fill them did
+        not. They stay in their request's block table; nobody else can find them now."""
+        for block in blocks:
+            if block.block_hash is None:
+                continue
+            del self.cached[block.block_hash]
+            if self.record_events:
+                self.events.append(KVEvent("removed", (block.block_hash,)))
+            block.block_hash = block.token_ids = None
 
     def _touch(self, block: Block) -> None:
         if block.ref_cnt == 0:

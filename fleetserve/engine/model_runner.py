@@ -27,6 +27,14 @@ class RunnerOutput:
     logprobs: dict[str, Logprobs] = field(default_factory=dict)
     # request id -> logprobs of the prompt positions computed this step (None at position 0)
     prompt_logprobs: dict[str, list[Logprobs | None]] = field(default_factory=dict)
+    # request id -> why it has no token this step: the request fails, the batch goes on
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def merge(self, other: RunnerOutput) -> None:
+        self.sampled.update(other.sampled)
+        self.logprobs.update(other.logprobs)
+        self.prompt_logprobs.update(other.prompt_logprobs)
+        self.errors.update(other.errors)
 
 
 def kv_cache_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
@@ -94,7 +102,12 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])
             requests = [s.request for _, s in sampling]
             sampled = self.sampler(logits, requests)
-            for request, token, lps in zip(requests, sampled.token_ids, sampled.logprobs):
+            for row, (request, token, lps) in enumerate(
+                zip(requests, sampled.token_ids, sampled.logprobs)
+            ):
+                if row in sampled.errors:
+                    result.errors[request.request_id] = sampled.errors[row]
+                    continue
                 result.sampled[request.request_id] = token
                 if lps is not None:
                     result.logprobs[request.request_id] = lps

@@ -62,7 +62,9 @@ class OutputProcessor:
         core_requests = []
         for i in range(params.n):
             cid = child_id(request_id, i, params.n)
-            seed = None if params.seed is None else params.seed + i
+            # Mod 2**64: seed + i must stay a uint64 for the wire (msgpack), and the sampler
+            # takes seeds mod 2**64 anyway, so this draws what seed + i would.
+            seed = None if params.seed is None else (params.seed + i) % 2**64
             child_params = dataclasses.replace(params, n=1, seed=seed)
             detok = IncrementalDetokenizer(
                 self.tokenizer,

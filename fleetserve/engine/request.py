@@ -60,6 +60,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit on first schedule; -1 until scheduled
     num_preemptions: int = 0
+    num_prompt_logprobs_sent: int = 0  # prompt positions whose logprobs went out (preemption)
     # Hashes of the request's full blocks, extended by the KV-cache manager as tokens arrive.
     block_hashes: list[int] = field(default_factory=list)
     error: str | None = None

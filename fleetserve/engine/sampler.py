@@ -1,44 +1,57 @@
 """Turns one step's logits into tokens, per request: penalties, temperature, top-k/p, min-p,
 seeded sampling and logprobs.
 
-A seeded request draws from its own generator, so its output depends on its seed alone,
-not on what else shares the batch. Greedy rows take the argmax and draw nothing.
+A seeded request's k-th token draws the k-th number of splitmix64 seeded with its seed: a pure
+function of (seed, k), so its output does not depend on what else shares the batch, and a
+step that is run again (after a failure elsewhere in its batch, see `EngineCore`) draws the
+same number. Greedy rows take the argmax and draw nothing.
+
+Every returned id is in [0, vocab): a row whose logits hold NaN or +inf (an overflowing model)
+takes the argmax with NaN ignored, and a row with nothing finite to pick fails its request
+alone (`SamplerOutput.errors`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from fleetserve.engine.outputs import Logprobs
 from fleetserve.engine.request import Request
+from fleetserve.engine.sampling_params import MIN_TEMPERATURE
+
+logger = logging.getLogger(__name__)
+
+_MASK64 = 2**64 - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
+# Real models' logits are within +-1e3; 1e30 / MIN_TEMPERATURE is still far below float32's
+# 3.4e38, so no finite logit under this bound overflows in the draw.
+MAX_LOGIT = 1e30
+
+
+def seeded_uniform(seed: int, k: int) -> float:
+    """The k-th output of splitmix64 seeded with `seed` (any int: taken mod 2**64), as a
+    float in [0, 1)."""
+    z = (seed + (k + 1) * _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z >> 11) * 2.0**-53
 
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
+    token_ids: list[int]  # in [0, vocab); a failed row's entry is meaningless
     logprobs: list[Logprobs | None]  # per row: sampled token first, then the top-N
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why it has no token
 
 
 class Sampler:
     def __init__(self, seed: int, device: torch.device) -> None:
         self.device = device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self._request_generators: dict[str, torch.Generator] = {}
-
-    def forget(self, request_id: str) -> None:
-        self._request_generators.pop(request_id, None)
-
-    def _generator(self, request: Request) -> torch.Generator:
-        seed = request.sampling_params.seed
-        if seed is None:
-            return self.generator
-        gen = self._request_generators.get(request.request_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            self._request_generators[request.request_id] = gen
-        return gen
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # unseeded rows
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits: (num_rows, vocab), one row per request, in `requests` order. The sampler
@@ -48,21 +61,37 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
         logits = self._apply_penalties(logits, requests)
-        greedy = [r.sampling_params.greedy for r in requests]
+        # NaN or +inf anywhere in a row (or a logit so large that dividing it by the
+        # temperature overflows) turns its draw into NaNs, and searchsorted then returns
+        # vocab; such rows, and rows with nothing above -inf, are decided here. One pass:
+        # amax propagates NaN.
+        top = logits.amax(dim=-1)
+        broken = ~(top <= MAX_LOGIT) | (top == -float("inf"))
+        fallback: dict[int, int] = {}
+        errors: dict[int, str] = {}
+        if bool(broken.any()):
+            fallback, errors = _broken_rows(logits, broken, requests)
+        greedy = [r.sampling_params.greedy or i in fallback for i, r in enumerate(requests)]
+        for i in errors:
+            greedy[i] = True  # anything in range; the row's request fails
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, requests, greedy)
         token_list = tokens.tolist()
+        for i, token in fallback.items():
+            token_list[i] = token
+        vocab = logits.shape[1]
+        assert all(0 <= t < vocab for t in token_list), token_list
 
         logprobs: list[Logprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
             for i, request in enumerate(requests):
-                if want_logprobs[i]:
+                if want_logprobs[i] and i not in errors:
                     logprobs[i] = top_logprobs(
                         raw_logprobs[i], token_list[i], request.sampling_params.logprobs
                     )
-        return SamplerOutput(token_list, logprobs)
+        return SamplerOutput(token_list, logprobs, errors)
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         for i, request in enumerate(requests):
@@ -100,7 +129,9 @@ class Sampler:
         else:
             tokens = torch.empty(len(requests), dtype=torch.long, device=device)
         weights = logits if len(rows) == len(requests) else logits[rows]
-        weights.div_(torch.tensor([p.temperature for p in params], device=device)[:, None])
+        # vLLM's floor: below it, logits / temperature overflow float32 for large logits.
+        temperatures = [max(p.temperature, MIN_TEMPERATURE) for p in params]
+        weights.div_(torch.tensor(temperatures, device=device)[:, None])
 
         top_k = [p.top_k for p in params]
         if any(k > 0 for k in top_k):
@@ -134,10 +165,12 @@ class Sampler:
             uniform[unseeded] = torch.rand(
                 len(unseeded), 1, device=device, generator=self.generator
             )
-        for j, i in enumerate(rows):
-            if params[j].seed is not None:
-                own = self._generator(requests[i])
-                uniform[j] = torch.rand(1, device=device, generator=own)
+        seeded = [j for j, p in enumerate(params) if p.seed is not None]
+        if seeded:
+            draws = [
+                seeded_uniform(params[j].seed, requests[rows[j]].num_output_tokens) for j in seeded
+            ]
+            uniform[seeded] = torch.tensor(draws, device=device)[:, None]
         cdf = torch.cumsum(weights, dim=-1, out=weights)
         total = cdf[:, -1:]
         # Strictly below the total, so the search never runs past the last token; a token of
@@ -146,6 +179,27 @@ class Sampler:
         picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
         tokens[rows] = picked.to(tokens.dtype)
         return tokens
+
+
+def _broken_rows(
+    logits: torch.Tensor, broken: torch.Tensor, requests: list[Request]
+) -> tuple[dict[int, int], dict[int, str]]:
+    """Rows with NaN, +inf or huge logits: greedy with NaN ignored (+inf is the most likely
+    token, as an overflowed boost means). Rows with nothing but NaN and -inf: an error."""
+    fallback, errors = {}, {}
+    for i in torch.nonzero(broken).squeeze(1).tolist():
+        row = torch.where(torch.isnan(logits[i]), -float("inf"), logits[i])
+        best = int(row.argmax())
+        if row[best] == -float("inf"):
+            errors[i] = "the model's logits for this request are all NaN or -inf"
+        else:
+            fallback[i] = best
+        logger.warning(
+            "request %s: non-finite logits; %s",
+            requests[i].request_id,
+            "failing it" if i in errors else f"taking the argmax ({best})",
+        )
+    return fallback, errors
 
 
 def keep_nucleus_(weights: torch.Tensor, top_p: torch.Tensor, first_k: int = 256) -> None:

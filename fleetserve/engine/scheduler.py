@@ -244,7 +244,12 @@ class Scheduler:
         """Apply a step's results: advance computed tokens, append sampled tokens, check
         stop conditions (EOS, stop token ids, max_tokens, context length) and free the blocks
         of finished requests. Stop *strings* are checked by the detokenizing front end, which
-        aborts the request. `sampled` maps request id -> token for requests that sampled."""
+        aborts the request. `sampled` maps request id -> token for requests that sampled.
+
+        Invariant: a step advances a request here and nowhere else, exactly once; between
+        `schedule` and `update` a request keeps its tokens and `num_computed_tokens` (a prefix
+        hit of a newly admitted request excepted, see `fail_requests`), so a runner that
+        raised can be run again on the same `out`."""
         updates = []
         for s in out.scheduled:
             request = s.request
@@ -268,6 +273,50 @@ class Scheduler:
                     num_cached_tokens=request.num_cached_tokens,
                 )
             )
+        return updates
+
+    def fail_requests(self, out: SchedulerOutput, errors: dict[str, str]) -> list[RequestUpdate]:
+        """End the requests of `errors` (request id -> message) with an error, in a step whose
+        runner did not compute them; call it before `update`, which then skips them.
+
+        Invariant: a block in the prefix cache holds the K/V of its tokens, or the step in
+        flight computes it. `schedule` registers the full blocks of a step before the step
+        runs, and may give them to a request admitted later in the same step (a prefix hit).
+        So the failed requests' registrations of this step are withdrawn, and a request of
+        this step that took one of those blocks (or, in turn, one of that request's blocks)
+        read K/V that was never written: it is preempted, to be recomputed from scratch, and
+        its result of this step is dropped (it leaves `out.scheduled`)."""
+        steps = {s.request.request_id: s for s in out.scheduled}
+
+        def registered(request_id: str) -> list:
+            s = steps[request_id]
+            end = s.num_computed_tokens + s.num_new_tokens
+            return self.kv_cache.blocks_registered_for(request_id, s.num_computed_tokens, end)
+
+        tainted = [rid for rid in steps if rid in errors]
+        unwritten = {b.block_id for rid in tainted for b in registered(rid)}
+        grew = True
+        while grew:
+            grew = False
+            for rid in steps:
+                if rid not in tainted and unwritten.intersection(self.kv_cache.block_ids(rid)):
+                    tainted.append(rid)
+                    unwritten.update(b.block_id for b in registered(rid))
+                    grew = True
+        for rid in tainted:
+            self.kv_cache.uncache(registered(rid))
+        updates = []
+        for rid in tainted:
+            request = steps[rid].request
+            if rid not in errors:
+                self._preempt(request, out)
+                continue
+            self.running.remove(request)
+            request.status = RequestStatus.FINISHED_ERROR
+            request.error = errors[rid]
+            self._free(request)
+            cached = max(request.num_cached_tokens, 0)
+            updates.append(RequestUpdate(rid, [], "error", errors[rid], num_cached_tokens=cached))
         return updates
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:

@@ -45,7 +45,12 @@ SERVER_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     ),
     "drain_timeout": (float, 30.0, "seconds SIGTERM waits for in-flight requests"),
     "max_body_bytes": (int, 4 * 2**20, "largest request body accepted (else 413)"),
-    "health_timeout": (float, 20.0, "seconds of engine silence after which /health is 503"),
+    "health_timeout": (
+        float,
+        20.0,
+        "seconds of engine silence after which /health is 503, requests in flight fail and the "
+        "server exits 1 (as with a dead engine); must exceed the longest step",
+    ),
 }
 
 # Engine defaults of the server where they differ from offline `LLM` (vLLM also picks them per

@@ -13,9 +13,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from fleetserve.engine import sampling_params as limits
+
 MAX_N = 128
 MAX_STOP = 16
-INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
@@ -45,14 +46,18 @@ class SamplingFields(_Model):
 
     model: Text | None = Field(None, description="a name from /v1/models; default: the first")
     n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float | None = Field(None, ge=0, description="0 = greedy; default 1")
+    temperature: float | None = Field(
+        None, ge=0, le=limits.MAX_TEMPERATURE, description="0 = greedy; default 1"
+    )
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="0 or -1 = off")
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
+    repetition_penalty: float | None = Field(
+        None, ge=limits.MIN_REPETITION_PENALTY, le=limits.MAX_REPETITION_PENALTY
+    )
+    seed: int | None = Field(None, ge=limits.MIN_SEED, le=limits.MAX_SEED)
     stop: Text | list[Text] | None = Field(None, max_length=MAX_STOP)
     stop_token_ids: TokenIds | None = Field(None, max_length=MAX_STOP)
     ignore_eos: bool = False

@@ -34,7 +34,7 @@ class ServerSettings:
     max_queue_len: int = 1024  # requests waiting for their first token; more get 429
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
     max_body_bytes: int = 4 * 2**20
-    health_timeout: float = 20.0  # seconds of engine silence that make /health 503
+    health_timeout: float = 20.0  # seconds of engine silence: /health 503, requests fail, exit 1
 
     def __post_init__(self) -> None:
         if self.max_queue_len < 1:
@@ -43,6 +43,8 @@ class ServerSettings:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if not self.health_timeout > 0:
+            raise ValueError(f"health_timeout must be > 0, got {self.health_timeout}")
 
 
 class Phase(enum.Enum):
