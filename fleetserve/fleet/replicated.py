@@ -4,8 +4,9 @@ gateway on the public port, supervision, and a clean stop on SIGTERM.
 Each replica runs the very command line it was given (`fleetserve serve MODEL ...`) minus
 the options that belong to the fleet (--replicas, --host, --port, the gateway's flags, the
 API key), plus `--host 127.0.0.1 --port P` and, unless given, `--num-threads` sharing the
-CPU cores between replicas. The public API key (if any) is checked at the gateway; the
-replicas get a random internal key so that nothing else on the machine can reach them.
+CPU cores between replicas. The public API key (if any) is checked at the gateway, as a
+client key (never an admin one: the admin routes need the operator key); the replicas get a
+random internal key so that nothing else on the machine can reach them.
 On SIGTERM the gateway stops taking requests and finishes those in flight, then every
 replica is drained and stopped.
 """
@@ -21,7 +22,6 @@ import sys
 
 from fleetserve.fleet.local import LocalBackend
 from fleetserve.fleet.supervisor import Supervisor
-from fleetserve.gateway.api_keys import ApiKey, ApiKeyStore, hash_key
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.cli import quiet_http_client_logs
 from fleetserve.gateway.gateway import Gateway
@@ -41,6 +41,7 @@ FLEET_OPTIONS = {
     "--api-keys-file",
     "--gateway-config",
     "--api-key",
+    "--operator-key",
 }
 
 
@@ -81,11 +82,7 @@ def run_replicated(args: argparse.Namespace, argv: list[str] | None = None) -> i
     options = resolve_options(args)
     num = int(getattr(args, "replicas", 1))
     config = config_from_args(args)
-    api_keys = api_keys_from_args(args)
-    public_key = options.get("api_key")
-    if public_key:
-        single = ApiKeyStore([(bytes.fromhex(hash_key(public_key)), ApiKey("default", admin=True))])
-        api_keys = api_keys or single
+    api_keys = api_keys_from_args(args, public_key=options.get("api_key"))
     model = options.get("model") or default_model()
     tokenizer_path = options.get("tokenizer") or model
     child_argv = replica_argv(sys.argv[1:] if argv is None else argv)
