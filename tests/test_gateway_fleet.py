@@ -90,8 +90,12 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _migrations(url: str) -> float:
-    metrics = httpx.get(f"{url}/metrics").text
+# The real fleet's admin routes (and, with it, /metrics) need the operator key.
+OPERATOR = {"Authorization": "Bearer fleet-test-operator"}
+
+
+def _migrations(url: str, headers: dict | None = None) -> float:
+    metrics = httpx.get(f"{url}/metrics", headers=headers).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
@@ -197,7 +201,7 @@ async def _thirty_streams(url: str, kill: bool) -> tuple[list[str], dict | None]
             deadline = time.monotonic() + 60
             while min(progress) < 1 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            replicas = (await client.get(f"{url}/admin/replicas")).json()
+            replicas = (await client.get(f"{url}/admin/replicas", headers=OPERATOR)).json()
             victim = max(replicas, key=lambda r: r["outstanding"])
             os.killpg(victim["pid"], signal.SIGKILL)
         return list(await asyncio.gather(*tasks)), victim
@@ -223,13 +227,14 @@ def real_fleet(tiny_llama):
             "512",
         ],
         start_new_session=True,
+        env={**os.environ, "FLEETSERVE_OPERATOR_KEY": OPERATOR["Authorization"][7:]},
     )
     url = f"http://127.0.0.1:{port}"
 
     def all_ready() -> bool:
         assert proc.poll() is None, "the fleet exited"
         try:
-            replicas = httpx.get(f"{url}/admin/replicas", timeout=2).json()
+            replicas = httpx.get(f"{url}/admin/replicas", headers=OPERATOR, timeout=2).json()
         except httpx.HTTPError:
             return False
         return len(replicas) == 3 and all(r["ready"] for r in replicas)
@@ -250,10 +255,11 @@ def test_sigkill_one_of_three_real_replicas_during_30_streams(real_fleet):
     texts, victim = asyncio.run(_thirty_streams(url, kill=True))
     assert victim["outstanding"] > 0
     assert texts == reference
-    assert _migrations(url) >= 1
+    assert _migrations(url, OPERATOR) >= 1
 
     def restarted() -> bool:
-        replicas = {r["id"]: r for r in httpx.get(f"{url}/admin/replicas").json()}
+        listing = httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json()
+        replicas = {r["id"]: r for r in listing}
         return replicas[victim["id"]]["pid"] != victim["pid"] and replicas[victim["id"]]["ready"]
 
     wait_until(restarted, 90, 0.2, "the killed replica restarted")
@@ -285,7 +291,7 @@ def test_disconnected_clients_leave_nothing_running_on_real_replicas(real_fleet)
             await asyncio.gather(*(leave_early(client, i) for i in range(12)))
 
     asyncio.run(run())
-    replicas = httpx.get(f"{url}/admin/replicas").json()
+    replicas = httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json()
 
     def busy() -> float:
         total = 0.0
@@ -298,7 +304,7 @@ def test_disconnected_clients_leave_nothing_running_on_real_replicas(real_fleet)
         return total
 
     wait_until(lambda: busy() == 0, 10, 0.05, "replicas idle after disconnects")
-    gateway = httpx.get(f"{url}/admin/replicas").json()
+    gateway = httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json()
     assert all(r["outstanding"] == 0 for r in gateway)
 
 
