@@ -51,11 +51,14 @@ class RequestContext:
         return {**replica.auth_headers, "X-Request-Id": rid}
 
     def body_for(self, replica: Replica, body: dict | None = None) -> dict:
-        """`body` (default: the client's) as sent to `replica`: a fleetserve replica gets
-        the key's priority (0 for the default class, lower first, as the replica orders
-        them); other servers get none."""
+        """`body` (default: the client's) as sent to `replica`, with the key's priority
+        and never the client's: a fleetserve replica gets the key's class relative to the
+        default one (critical -2, high -1, low 1; lower is served first, as the replica
+        orders them), left out for the default class (the replica's own default, 0);
+        other servers get none."""
         out = dict(self.body if body is None else body)
         out.pop("priority", None)
-        if replica.supports_extensions:
-            out["priority"] = self.key.priority_rank - priority_rank(DEFAULT_PRIORITY)
+        relative = self.key.priority_rank - priority_rank(DEFAULT_PRIORITY)
+        if replica.supports_extensions and relative:
+            out["priority"] = relative
         return out

@@ -194,7 +194,9 @@ async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bo
         gw.request_ended(ctx)
 
 
-def _admit(gw: Gateway, key: ApiKey, tokens: int, now: float, top_up: bool = False):
+def _admit(
+    gw: Gateway, key: ApiKey, tokens: int, now: float, top_up: bool = False
+) -> HttpError | None:
     """None if admitted, else the 429 to answer."""
     if top_up:
         decision = gw.admission.charge_more(key, tokens, now)
@@ -213,7 +215,7 @@ def _admit(gw: Gateway, key: ApiKey, tokens: int, now: float, top_up: bool = Fal
     return too_many(decision.reason, decision.retry_after_s)
 
 
-async def _prompt_ids(gw: Gateway, body: dict, endpoint: str, shape: BodyShape):
+async def _prompt_ids(gw: Gateway, body: dict, endpoint: str, shape: BodyShape) -> list[int] | None:
     """The prompt's token ids for prefix routing, tokenized off the event loop; None for
     batches, embeddings, huge prompts and when the gateway has no tokenizer."""
     if gw.prompts is None or endpoint == "/v1/embeddings" or not shape.single_prompt:
