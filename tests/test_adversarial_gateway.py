@@ -533,3 +533,20 @@ def test_a_client_that_leaves_while_queued_leaves_the_queue():
         wait_until(lambda: door.gw.replicas["r0"].outstanding == 0, 5)
     finally:
         door.close()
+
+
+def test_gateway_flags_reach_the_config_and_the_help_renders(monkeypatch):
+    from fleetserve.cli import build_parser
+    from fleetserve.gateway.options import config_from_args
+
+    monkeypatch.delenv("FLEETSERVE_OPERATOR_KEY", raising=False)
+    argv = ["gateway", "--replica", "http://127.0.0.1:1", "--max-body-bytes", "1000",
+            "--max-n", "4", "--retry-budget-percent", "50", "--retry-min-concurrency", "1",
+            "--operator-key", "op"]  # fmt: skip
+    args = build_parser(argv).parse_args(argv)
+    config = config_from_args(args)
+    assert (config.max_body_bytes, config.max_n, config.retry_budget_percent) == (1000, 4, 50.0)
+    assert config.retry_min_concurrency == 1
+    assert api_keys_from_args(args).lookup("op").admin
+    help_text = args._parser.format_help()
+    assert "--operator-key" in help_text and "--retry-budget-percent" in help_text

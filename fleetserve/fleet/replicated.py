@@ -25,7 +25,12 @@ from fleetserve.fleet.supervisor import Supervisor
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.cli import quiet_http_client_logs
 from fleetserve.gateway.gateway import Gateway
-from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
+from fleetserve.gateway.options import (
+    OPERATOR_KEY_ENV,
+    add_gateway_arguments,
+    api_keys_from_args,
+    config_from_args,
+)
 from fleetserve.gateway.serve import bind, run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
 
@@ -91,6 +96,7 @@ def run_replicated(args: argparse.Namespace, argv: list[str] | None = None) -> i
         child_argv += ["--num-threads", str(threads)]
     internal_key = secrets.token_urlsafe(24)
     env = {**os.environ, API_KEY_ENV: internal_key}
+    env.pop(OPERATOR_KEY_ENV, None)  # the gateway's alone: no replica needs it
 
     def command(port: int) -> list[str]:
         return [sys.executable, "-m", "fleetserve.cli", *child_argv,

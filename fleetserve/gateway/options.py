@@ -36,7 +36,7 @@ TUNING_FLAGS = {
     "max_prompts_per_request": (int, "prompts in one completions request (default 2048)"),
     "max_n": (int, "choices per prompt, `n` (default 128)"),
     "max_choices_per_request": (int, "prompts x n in one request (default 2048)"),
-    "retry_budget_percent": (float, "retries in flight, as a % of requests in flight (20)"),
+    "retry_budget_percent": (float, "retries in flight, as a %% of requests in flight (20)"),
     "retry_min_concurrency": (int, "retries in flight always allowed (default 3)"),
 }
 OPERATOR_KEY_ENV = "FLEETSERVE_OPERATOR_KEY"
