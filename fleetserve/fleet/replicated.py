@@ -86,8 +86,12 @@ def run_replicated(args: argparse.Namespace, argv: list[str] | None = None) -> i
     quiet_http_client_logs()
     options = resolve_options(args)
     num = int(getattr(args, "replicas", 1))
-    config = config_from_args(args)
-    api_keys = api_keys_from_args(args, public_key=options.get("api_key"))
+    try:
+        config = config_from_args(args)
+        api_keys = api_keys_from_args(args, public_key=options.get("api_key"))
+    except (ValueError, TypeError, OSError) as exc:  # e.g. an admin key that is a client key
+        print(f"fleetserve: {exc}", file=sys.stderr)
+        return 2
     model = options.get("model") or default_model()
     tokenizer_path = options.get("tokenizer") or model
     child_argv = replica_argv(sys.argv[1:] if argv is None else argv)
