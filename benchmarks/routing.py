@@ -27,6 +27,8 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -39,6 +41,9 @@ import httpx
 from fleetserve.server.launcher import stop_process_group
 
 HERE = Path(__file__).resolve().parent
+# The gateway's admin routes (the replica listing) need an operator key.
+OPERATOR_KEY = secrets.token_urlsafe(16)
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}
 OUT = HERE / "out"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = (
@@ -110,22 +115,25 @@ class Fleet:
                 "--kv-cache-memory",
                 args.kv_cache_memory,
             ]
-            self.procs.append(subprocess.Popen(cmd, start_new_session=True))
+            env = {**os.environ, "FLEETSERVE_OPERATOR_KEY": OPERATOR_KEY}
+            self.procs.append(subprocess.Popen(cmd, start_new_session=True, env=env))
         else:
             self._start_fake(args, router, port)
 
         def ready() -> bool:
-            reps = httpx.get(f"{self.url}/admin/replicas", timeout=2).json()
+            reps = httpx.get(f"{self.url}/admin/replicas", headers=OPERATOR, timeout=2).json()
             return len(reps) == args.replicas and all(r["ready"] for r in reps)
 
         wait_for(ready, 900, "replicas")
-        self.replica_urls = [r["url"] for r in httpx.get(f"{self.url}/admin/replicas").json()]
+        listing = httpx.get(f"{self.url}/admin/replicas", headers=OPERATOR).json()
+        self.replica_urls = [r["url"] for r in listing]
         self.model = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
 
     def _start_fake(self, args: argparse.Namespace, router: str, port: int) -> None:
         import uvicorn
 
         from fleetserve.fleet.fake_replica import ByteTokenizer
+        from fleetserve.gateway.api_keys import with_operator_key
         from fleetserve.gateway.app import create_app
         from fleetserve.gateway.config import GatewayConfig
         from fleetserve.gateway.gateway import Gateway
@@ -146,7 +154,8 @@ class Fleet:
             ]
             self.procs.append(subprocess.Popen(cmd, start_new_session=True))
             urls.append(f"http://127.0.0.1:{p}")
-        gw = Gateway(GatewayConfig(router=router), tokenizer=ByteTokenizer())
+        keys = with_operator_key(None, OPERATOR_KEY)
+        gw = Gateway(GatewayConfig(router=router), keys, tokenizer=ByteTokenizer())
         for u in urls:
             gw.add_replica(u)
         config = uvicorn.Config(create_app(gw), port=port, log_level="warning", access_log=False)

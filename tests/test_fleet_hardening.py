@@ -25,6 +25,7 @@ from fleetserve.fleet.backend import FleetBackend, ReplicaHandle
 from fleetserve.fleet.backoff import RestartBackoff
 from fleetserve.fleet.replicated import INTERNAL_KEY, ReplicaConfigs, replica_config
 from fleetserve.fleet.supervisor import Supervisor, failure_cause
+from fleetserve.gateway.api_keys import with_operator_key
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
@@ -188,16 +189,17 @@ def test_failure_cause_picks_the_error_lines():
 
 
 def test_a_failed_replica_shows_in_admin_replicas_and_metrics():
-    gw = Gateway(GatewayConfig(probe_interval_s=0.05))
+    gw = Gateway(GatewayConfig(probe_interval_s=0.05), with_operator_key(None, "op"))
     front = ThreadServer(create_app(gw)).start()
     sup = Supervisor(ScriptedBackend(), gw, 2, max_failures=2, backoff=lambda: RestartBackoff(0.01))
     front.call(sup.start)
     try:
         wait_until(sup.all_failed.is_set, 10, what="both replicas failed")
-        replicas = httpx.get(f"{front.url}/admin/replicas").json()
+        operator = {"Authorization": "Bearer op"}
+        replicas = httpx.get(f"{front.url}/admin/replicas", headers=operator).json()
         assert [r["state"] for r in replicas] == ["failed", "failed"]
         assert "checkpoint has no layers" in replicas[0]["failure"]
-        metrics = httpx.get(f"{front.url}/metrics").text
+        metrics = httpx.get(f"{front.url}/metrics", headers=operator).text
         assert 'fleetserve:gateway_replica_failed{replica="r1"} 1.0' in metrics
         assert httpx.get(f"{front.url}/health").status_code == 503
     finally:

@@ -1,16 +1,21 @@
-"""Circuit breaker, token buckets, admission, the dispatch queue and API keys, on plain
-data with an injected clock."""
+"""Circuit breaker, token buckets, admission, the dispatch queue, API keys, the retry
+budget, request body checks and charges, on plain data with an injected clock."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
 from fleetserve.gateway.admission import AdmissionController
 from fleetserve.gateway.api_keys import ApiKey, KeyLimits, hash_key, load_api_keys
 from fleetserve.gateway.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
+from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.dispatch_queue import DispatchQueue, QueueFull
+from fleetserve.gateway.replica import check_replica_url
+from fleetserve.gateway.request_body import InvalidBody, charged_tokens, check_body
+from fleetserve.gateway.retry_budget import RetryBudget
 from fleetserve.gateway.token_bucket import TokenBucket
 from fleetserve.gateway.wait_estimator import WaitEstimator
 
@@ -213,3 +218,92 @@ def test_api_keys_file_errors_name_the_entry(tmp_path, entry, message):
     with pytest.raises(ValueError, match=message) as err:
         load_api_keys(path)
     assert "keys[0]" in str(err.value)
+
+
+# ---- the retry budget, the charge of a request, replica URLs -----------------------------------
+
+
+def test_retry_budget_allows_min_concurrency_then_a_share_of_active_requests():
+    budget = RetryBudget(percent=20, min_concurrency=3)
+    for _ in range(10):
+        budget.request_started()
+    assert [budget.try_start_retry() for _ in range(4)] == [True, True, True, False]
+    for _ in range(10):  # 20 active: 20% is 4 retries in flight
+        budget.request_started()
+    assert budget.try_start_retry() and not budget.try_start_retry()
+    budget.retry_ended()
+    assert budget.try_start_retry()
+    for _ in range(20):
+        budget.request_ended()
+    budget.request_ended()  # never below zero
+    assert budget.active_requests == 0 and budget.limit == 3
+    for _ in range(4):
+        budget.retry_ended()
+    assert budget.active_retries == 0
+    with pytest.raises(ValueError):
+        RetryBudget(percent=120)
+    with pytest.raises(ValueError):
+        RetryBudget(min_concurrency=-1)
+
+
+def test_retry_budget_of_zero_denies_every_retry():
+    budget = RetryBudget(percent=0, min_concurrency=0)
+    budget.request_started()
+    assert not budget.try_start_retry()
+
+
+def test_charge_counts_prompt_tokens_plus_max_tokens_for_every_prompt_and_choice():
+    config = GatewayConfig()
+    shape = check_body({"prompt": ["hi"] * 100, "max_tokens": 16}, "/v1/completions", config)
+    assert (shape.num_prompts, shape.n, shape.estimated_prompt_tokens) == (100, 1, 100)
+    assert charged_tokens(shape.estimated_prompt_tokens, shape, 256) == 100 + 100 * 16
+    shape = check_body({"prompt": [[1, 2, 3]] * 4, "n": 3}, "/v1/completions", config)
+    assert charged_tokens(12, shape, default_max_tokens=10) == 12 + 4 * 3 * 10
+    chat = {"messages": [{"role": "user", "content": "x" * 40}], "max_completion_tokens": 5}
+    shape = check_body({**chat, "max_tokens": 99}, "/v1/chat/completions", config)
+    assert shape.num_prompts == 1 and shape.max_tokens == 5 and shape.single_prompt
+    shape = check_body({"input": ["a", "b"]}, "/v1/embeddings", config)
+    assert charged_tokens(2, shape, 256) == 2  # embeddings decode nothing
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": ["a"] * 5}, "at most 4 per request"),
+        ({"prompt": "a", "n": 3}, "'n'"),
+        ({"prompt": ["a", "b"], "n": 2}, "4 sequences"),
+        ({"prompt": "a", "max_tokens": True}, "'max_tokens'"),
+        ({"prompt": "a", "logprobs": "yes"}, "'logprobs'"),
+        ("prompt", "JSON object"),
+    ],
+)
+def test_body_checks_name_the_field(body, field):
+    config = GatewayConfig(max_prompts_per_request=4, max_n=2, max_choices_per_request=3)
+    with pytest.raises(InvalidBody, match=re.escape(field)):
+        check_body(body, "/v1/completions", config)
+
+
+def test_charge_more_takes_the_rest_or_nothing():
+    ctl = AdmissionController()
+    key = ApiKey("k", KeyLimits(tokens_per_min=100))
+    assert ctl.admit(key, 60, 0.0).admitted
+    assert ctl.charge_more(key, 30, 0.0).admitted
+    refused = ctl.charge_more(key, 20, 0.0)
+    assert not refused.admitted and refused.reason == "tokens_per_min"
+    assert ctl.charge_more(key, 200, 0.0).reason == "too_large"
+    assert ctl.charge_more(ApiKey("free"), 10**9, 0.0).admitted
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://u:p@h:1", "ftp://h", "h:1", "http://", "http://h:1/?q=1", "http://h:x", "http://h /"],
+)
+def test_replica_urls_are_plain_http_base_urls(url):
+    with pytest.raises(ValueError):
+        check_replica_url(url)
+
+
+def test_replica_url_keeps_a_path_and_drops_the_trailing_slash():
+    assert (
+        check_replica_url("https://replica.internal:8443/v/") == "https://replica.internal:8443/v"
+    )

@@ -195,8 +195,11 @@ def test_error_events_and_statuses():
     assert error_payload('{"error": {"message": "engine died"}}') == {"message": "engine died"}
     assert error_payload('{"choices": [{"text": "error"}]}') is None
     assert error_payload("[DONE]") is None
-    assert all(is_retryable_status(s) for s in (500, 502, 503, 429, 408))
+    assert all(is_retryable_status(s) for s in (502, 503, 504, 429, 408))
     assert not any(is_retryable_status(s) for s in (400, 401, 404, 413, 422))
+    # a 500 is the request's (passed on, not retried) unless the engine is dead
+    assert not is_retryable_status(500, b'{"error": {"message": "boom"}}')
+    assert is_retryable_status(500, b'{"error": {"code": "engine_dead"}}')
 
 
 def test_prompt_tokenizer_mirrors_the_replica():

@@ -33,6 +33,8 @@ from fleetserve.server.launcher import stop_process_group
 
 PUBLIC_KEY = "public-fleet-key"  # the real fleet's, from its --config file
 AUTH = {"Authorization": f"Bearer {PUBLIC_KEY}"}
+# The real fleet's admin routes and /metrics need the operator key, never the public one.
+OPERATOR = {"Authorization": "Bearer fleet-test-operator"}
 
 
 def test_restart_backoff_doubles_and_resets():
@@ -74,7 +76,7 @@ def _alive(pid: int) -> bool:
 
 
 def _migrations(url: str) -> float:
-    metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
+    metrics = httpx.get(f"{url}/metrics", headers=OPERATOR).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
@@ -180,7 +182,7 @@ async def _thirty_streams(url: str, kill: bool) -> tuple[list[str], dict | None]
             deadline = time.monotonic() + 60
             while min(progress) < 1 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            replicas = (await client.get(f"{url}/admin/replicas")).json()
+            replicas = (await client.get(f"{url}/admin/replicas", headers=OPERATOR)).json()
             victim = max(replicas, key=lambda r: r["outstanding"])
             os.killpg(victim["pid"], signal.SIGKILL)
         return list(await asyncio.gather(*tasks)), victim
@@ -208,13 +210,14 @@ def real_fleet(tiny_llama, tmp_path_factory):
             "512",
         ],
         start_new_session=True,
+        env={**os.environ, "FLEETSERVE_OPERATOR_KEY": OPERATOR["Authorization"][7:]},
     )
     url = f"http://127.0.0.1:{port}"
 
     def all_ready() -> bool:
         assert proc.poll() is None, "the fleet exited"
         try:
-            replicas = httpx.get(f"{url}/admin/replicas", headers=AUTH, timeout=2).json()
+            replicas = httpx.get(f"{url}/admin/replicas", headers=OPERATOR, timeout=2).json()
         except httpx.HTTPError:
             return False
         return len(replicas) == 3 and all(r["ready"] for r in replicas)
@@ -244,7 +247,7 @@ def test_sigkill_one_of_three_real_replicas_during_30_streams(real_fleet):
     assert _migrations(url) >= 1
 
     def restarted() -> bool:
-        replicas = {r["id"]: r for r in httpx.get(f"{url}/admin/replicas", headers=AUTH).json()}
+        replicas = {r["id"]: r for r in httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json()}
         return replicas[victim["id"]]["pid"] != victim["pid"] and replicas[victim["id"]]["ready"]
 
     wait_until(restarted, 90, 0.2, "the killed replica restarted")
@@ -256,7 +259,8 @@ def test_the_public_key_opens_the_gateway_and_no_replica(real_fleet):
     url, _ = real_fleet
     assert httpx.get(f"{url}/v1/models").status_code == 401
     assert httpx.get(f"{url}/v1/models", headers=AUTH).status_code == 200
-    for replica in httpx.get(f"{url}/admin/replicas", headers=AUTH).json():
+    assert httpx.get(f"{url}/admin/replicas", headers=AUTH).status_code == 403  # not an admin
+    for replica in httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json():
         assert httpx.get(f"{replica['url']}/v1/models", headers=AUTH).status_code == 401
         config = _replica_config(replica["pid"])
         assert config.stat().st_mode & 0o077 == 0  # 0600, in a 0700 folder
@@ -287,7 +291,7 @@ async def _chat_with_kill(url: str, body: dict) -> tuple[list[dict], dict]:
     while progress[0] < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
     async with httpx.AsyncClient(headers=AUTH) as client:
-        replicas = (await client.get(f"{url}/admin/replicas")).json()
+        replicas = (await client.get(f"{url}/admin/replicas", headers=OPERATOR)).json()
     victim = max(replicas, key=lambda r: r["outstanding"])
     os.killpg(victim["pid"], signal.SIGKILL)
     return await task, victim
@@ -327,7 +331,7 @@ def test_a_chat_stream_without_max_tokens_migrates_whole(real_fleet):
     assert len(migrated[3]) == 1 and _migrations(url) == before + 1
 
     def restarted() -> bool:
-        replicas = {r["id"]: r for r in httpx.get(f"{url}/admin/replicas", headers=AUTH).json()}
+        replicas = {r["id"]: r for r in httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json()}
         return replicas[victim["id"]]["pid"] != victim["pid"] and replicas[victim["id"]]["ready"]
 
     wait_until(restarted, 90, 0.2, "the killed replica restarted")
@@ -359,7 +363,7 @@ def test_disconnected_clients_leave_nothing_running_on_real_replicas(real_fleet)
             await asyncio.gather(*(leave_early(client, i) for i in range(12)))
 
     asyncio.run(run())
-    replicas = httpx.get(f"{url}/admin/replicas", headers=AUTH).json()
+    replicas = httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json()
     keys = {r["url"]: yaml.safe_load(_replica_config(r["pid"]).read_text())["api-key"]
             for r in replicas}  # fmt: skip
 
@@ -375,7 +379,7 @@ def test_disconnected_clients_leave_nothing_running_on_real_replicas(real_fleet)
         return total
 
     wait_until(lambda: busy() == 0, 10, 0.05, "replicas idle after disconnects")
-    gateway = httpx.get(f"{url}/admin/replicas", headers=AUTH).json()
+    gateway = httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json()
     assert all(r["outstanding"] == 0 for r in gateway)
 
 
@@ -385,7 +389,7 @@ def test_sigterm_stops_the_whole_fleet(real_fleet):
     url, proc = real_fleet
     family = _descendants(proc.pid)
     assert len(family) >= 6  # 3 API servers, 3 engine cores
-    replicas = httpx.get(f"{url}/admin/replicas", headers=AUTH).json()
+    replicas = httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json()
     folder = _replica_config(replicas[0]["pid"]).parent
     os.kill(proc.pid, signal.SIGTERM)  # the fleet's main process only
     assert proc.wait(60) == 0

@@ -12,7 +12,7 @@ import pytest
 from gateway_harness import ThreadServer, sse_texts, wait_until
 
 from fleetserve.fleet.fake_replica import ByteTokenizer, FakeReplica, FakeSettings
-from fleetserve.gateway.api_keys import hash_key, load_api_keys
+from fleetserve.gateway.api_keys import hash_key, load_api_keys, with_operator_key
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
@@ -32,15 +32,21 @@ FAST = {
 }
 
 
+OPERATOR_KEY = "operator-secret"
+
+
 class Fleet:
+    """`api_keys` None: clients anonymous, the admin routes on with OPERATOR_KEY."""
+
     def __init__(
         self, n: int = 3, api_keys=None, kinds=None, upstream_api_key=None, **config
     ) -> None:
         self.fakes = [FakeReplica(FakeSettings(token_delay_s=0.002)) for _ in range(n)]
         self.servers = [ThreadServer(f.app()).start() for f in self.fakes]
+        keys = api_keys if api_keys is not None else with_operator_key(None, OPERATOR_KEY)
         self.gw = Gateway(
             GatewayConfig(**{**FAST, **config}),
-            api_keys,
+            keys,
             ByteTokenizer(),
             upstream_api_key=upstream_api_key,
         )
@@ -55,7 +61,7 @@ class Fleet:
         httpx.post(f"{self.servers[i].url}/fake/control", json=settings).raise_for_status()
 
     def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics").text
+        return httpx.get(f"{self.url}/metrics", headers=_bearer(OPERATOR_KEY)).text
 
     def close(self) -> None:
         self.front.stop()
@@ -202,7 +208,7 @@ def test_all_replicas_failing_gives_502_not_a_hang():
     fleet = Fleet(n=2, max_retries=1)
     try:
         for i in range(2):
-            fleet.control(i, fail_status=500, fail_count=100)
+            fleet.control(i, fail_status=503, fail_count=100)
         resp = httpx.post(f"{fleet.url}/v1/completions", json={**COMPLETION, "stream": True})
         assert resp.status_code == 502
         resp = httpx.post(f"{fleet.url}/v1/completions", json=COMPLETION)
@@ -246,13 +252,15 @@ def test_client_disconnect_aborts_a_unary_request(fleet):
 
 def test_draining_replica_gets_no_new_work(fleet):
     rid = "r0"
-    resp = httpx.post(f"{fleet.url}/admin/replicas/{rid}/drain")
+    resp = httpx.post(f"{fleet.url}/admin/replicas/{rid}/drain", headers=_bearer(OPERATOR_KEY))
     assert resp.status_code == 200 and resp.json()["draining"]
     before = served(fleet.fakes[0])
     for _ in range(6):
         stream(fleet.url, False, {**COMPLETION, "max_tokens": 2})
     assert served(fleet.fakes[0]) == before
-    httpx.post(f"{fleet.url}/admin/replicas/{rid}/undrain").raise_for_status()
+    httpx.post(
+        f"{fleet.url}/admin/replicas/{rid}/undrain", headers=_bearer(OPERATOR_KEY)
+    ).raise_for_status()
 
 
 def test_active_probe_takes_unhealthy_replica_out_and_back(fleet):
@@ -327,7 +335,9 @@ def test_api_keys_and_rate_limits(tmp_path):
         assert httpx.get(f"{fleet.url}/admin/replicas", headers=_bearer("k1")).status_code == 403
         listing = httpx.get(f"{fleet.url}/admin/replicas", headers=_bearer("k2"))
         assert listing.status_code == 200 and listing.json()[0]["id"] == "r0"
-        assert 'reason="requests_per_s"' in fleet.metrics()
+        metrics = httpx.get(f"{fleet.url}/metrics", headers=_bearer("k2"))
+        assert 'reason="requests_per_s"' in metrics.text
+        assert httpx.get(f"{fleet.url}/metrics", headers=_bearer("k1")).status_code == 403
     finally:
         fleet.close()
 
@@ -338,7 +348,8 @@ def test_migration_sends_the_internal_key_to_fleetserve_replicas_only(tmp_path):
     path = tmp_path / "keys.yaml"
     path.write_text(f"keys:\n  - name: client\n    sha256: '{hash_key('client-secret')}'\n")
     kinds = [ReplicaKind.FLEETSERVE, ReplicaKind.FLEETSERVE, ReplicaKind.OPENAI]
-    fleet = Fleet(n=3, api_keys=load_api_keys(path), kinds=kinds, upstream_api_key="internal")
+    keys = with_operator_key(load_api_keys(path), OPERATOR_KEY)
+    fleet = Fleet(n=3, api_keys=keys, kinds=kinds, upstream_api_key="internal")
     try:
         body = {**COMPLETION, "max_tokens": 30}
         expected = reference(fleet, False, body)

@@ -36,11 +36,15 @@ from fleetserve.fleet.backend import FleetBackend
 from fleetserve.fleet.backoff import RestartBackoff
 from fleetserve.fleet.local import LocalBackend
 from fleetserve.fleet.supervisor import DEFAULT_MAX_FAILURES, Supervisor
-from fleetserve.gateway.api_keys import ApiKey, ApiKeyStore, hash_key
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.cli import quiet_http_client_logs
 from fleetserve.gateway.gateway import Gateway
-from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
+from fleetserve.gateway.options import (
+    OPERATOR_KEY_ENV,
+    add_gateway_arguments,
+    api_keys_from_args,
+    config_from_args,
+)
 from fleetserve.gateway.serve import bind, run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
 
@@ -127,7 +131,9 @@ def run_replicated(args: argparse.Namespace) -> int:
     try:
         options = resolve_options(args)
         config = config_from_args(args)
-        api_keys = api_keys_from_args(args)
+        # The public key is a client key, never an admin one (the admin routes need the
+        # operator key); a collision of the two is refused here.
+        api_keys = api_keys_from_args(args, public_key=options.get("api_key"))
         model = options.get("model") or default_model()
     except (ValueError, TypeError, OSError) as exc:
         return _usage_error(args, str(exc))
@@ -135,10 +141,6 @@ def run_replicated(args: argparse.Namespace) -> int:
     max_failures = int(getattr(args, "replica_max_failures", DEFAULT_MAX_FAILURES))
     if max_failures < 1:
         return _usage_error(args, f"--replica-max-failures must be >= 1, got {max_failures}")
-    public_key = options.get("api_key")
-    if public_key:
-        single = ApiKeyStore([(bytes.fromhex(hash_key(public_key)), ApiKey("default", admin=True))])
-        api_keys = api_keys or single
     tokenizer_path = options.get("tokenizer") or model
     replica_options = {
         **options,
@@ -147,7 +149,7 @@ def run_replicated(args: argparse.Namespace) -> int:
     }
     internal_key = secrets.token_urlsafe(24)
     # The replicas read their key from their config; the public one stays out of their env.
-    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (API_KEY_ENV, OPERATOR_KEY_ENV)}
     drain_s = float(options["drain_timeout"])
     try:
         sock = bind(options["host"], options["port"])

@@ -1,8 +1,9 @@
 """Per-key admission: requests/s and tokens/min token buckets and a concurrency cap.
 
 Pure: `now` is passed in. A refused request gets a reason and a Retry-After in seconds.
-The tokens/min bucket is charged an estimate on admission (prompt + max_tokens) and the
-unused part is given back when the request ends.
+The tokens/min bucket is charged what a request may cost on admission (its prompt tokens
+plus max_tokens for each of its prompts x n sequences, see `request_body.charged_tokens`)
+and the unused part is given back when the request ends.
 """
 
 from __future__ import annotations
@@ -70,6 +71,19 @@ class AdmissionController:
         if state.requests is not None:
             state.requests.try_take(1, now)
         state.concurrent += 1
+        return ADMITTED
+
+    def charge_more(self, key: ApiKey, cost_tokens: int, now: float) -> Decision:
+        """Take `cost_tokens` more for an admitted request whose cost was underestimated;
+        takes nothing when refused (the caller then ends the request with `release`)."""
+        state = self._state(key, now)
+        if state.tokens is None:
+            return ADMITTED
+        wait = state.tokens.try_take(cost_tokens, now)
+        if math.isinf(wait):
+            return Decision(False, "too_large", 0.0)
+        if wait > 0:
+            return Decision(False, "tokens_per_min", wait)
         return ADMITTED
 
     def release(

@@ -6,10 +6,13 @@ keys:
     sha256: "9f86d081..."    # hex digest, quoted of the key (python -m fleetserve.gateway.api_keys)
     priority: high           # critical | high | normal | low
     requests_per_s: 5        # omitted = unlimited
-    tokens_per_min: 20000    # prompt + max_tokens, charged on admission, refunded on finish
+    tokens_per_min: 20000    # prompt + prompts x n x max_tokens on admission; rest refunded
     max_concurrent: 4
-    admin: false             # may call /admin/*
+    admin: false             # may call /admin/*, /metrics, /docs (never also a client key)
 ```
+
+The operator key (`--operator-key`, `$FLEETSERVE_OPERATOR_KEY` or the gateway config's
+`operator_key`) is one more admin entry. Without any admin entry the admin routes are off.
 
 A presented key is hashed and compared with every stored hash in constant time
 (`hmac.compare_digest`), so neither timing nor early exit tells which hash was close.
@@ -62,12 +65,35 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+OPERATOR = ApiKey("operator", admin=True)
+
+
 class ApiKeyStore:
-    def __init__(self, entries: list[tuple[bytes, ApiKey]]) -> None:
+    """`clients_need_key`: False when the store holds only the operator key (clients stay
+    anonymous, only the operator routes need a key)."""
+
+    def __init__(self, entries: list[tuple[bytes, ApiKey]], clients_need_key: bool = True) -> None:
+        digests = [d for d, _ in entries]
+        if len(set(digests)) != len(digests):
+            names = sorted(k.name for d, k in entries if digests.count(d) > 1)
+            raise ValueError(
+                f"keys {names} are the same key: give every client and every admin its own "
+                "key (an admin key must never also be a client key)"
+            )
         self._entries = entries
+        self.clients_need_key = clients_need_key
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def has_admin(self) -> bool:
+        return any(key.admin for _, key in self._entries)
+
+    def with_operator_key(self, operator_key: str) -> ApiKeyStore:
+        """This store plus the operator key; raises ValueError if it is already a key here."""
+        entry = (hashlib.sha256(operator_key.encode()).digest(), OPERATOR)
+        return ApiKeyStore([*self._entries, entry], self.clients_need_key)
 
     def lookup(self, presented: str) -> ApiKey | None:
         digest = hashlib.sha256(presented.encode()).digest()
@@ -106,6 +132,21 @@ def load_api_keys(path: str | Path) -> ApiKeyStore:
         key = ApiKey(name, limits, priority, bool(item.get("admin", False)))
         entries.append((bytes.fromhex(digest), key))
     return ApiKeyStore(entries)
+
+
+def single_key_store(key: str, name: str = "default") -> ApiKeyStore:
+    """One client key with no limits (`fleetserve serve --api-key`); never an admin."""
+    return ApiKeyStore([(hashlib.sha256(key.encode()).digest(), ApiKey(name))])
+
+
+def with_operator_key(store: ApiKeyStore | None, operator_key: str | None) -> ApiKeyStore | None:
+    """Add the operator key to `store` (or make a store of it alone, clients anonymous).
+    Raises ValueError if the operator key is also a client key."""
+    if not operator_key:
+        return store
+    if store is None:
+        return ApiKeyStore([], clients_need_key=False).with_operator_key(operator_key)
+    return store.with_operator_key(operator_key)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """The gateway's HTTP API: the OpenAI endpoints it forwards, plus health, metrics and a
-small admin API over the replica table."""
+small admin API over the replica table.
+
+Operator routes: `/admin/*` is off unless an admin key is configured (see `api_keys`), and
+needs it. `/metrics`, `/docs`, `/redoc` and `/openapi.json` are open while no key at all is
+configured, and need the admin key once any is."""
 
 from __future__ import annotations
 
@@ -7,11 +11,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from fleetserve.gateway.gateway import Gateway
-from fleetserve.gateway.proxy import HttpError, authenticate, handle_generate
+from fleetserve.gateway.proxy import (
+    HttpError,
+    authenticate,
+    authenticate_operator,
+    handle_generate,
+    read_json,
+)
 from fleetserve.gateway.replica import Replica, ReplicaKind
 
 
@@ -26,7 +37,13 @@ def create_app(gw: Gateway) -> FastAPI:
         finally:
             await gw.stop()
 
-    app = FastAPI(title="fleetserve gateway", lifespan=lifespan)
+    app = FastAPI(
+        title="fleetserve gateway",
+        lifespan=lifespan,
+        docs_url=None,  # served below, behind the operator key
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.gateway = gw
 
     @app.post("/v1/completions")
@@ -61,36 +78,75 @@ def create_app(gw: Gateway) -> FastAPI:
         )
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        try:
+            authenticate_operator(gw, request, admin_api=False)
+        except HttpError as err:
+            return err.response()
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Response:
+        try:
+            authenticate_operator(gw, request, admin_api=False)
+        except HttpError as err:
+            return err.response()
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> Response:
+        try:
+            authenticate_operator(gw, request, admin_api=False)
+        except HttpError as err:
+            return err.response()
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> Response:
+        try:
+            authenticate_operator(gw, request, admin_api=False)
+        except HttpError as err:
+            return err.response()
+        return get_redoc_html(openapi_url="/openapi.json", title=app.title)
 
     @app.get("/admin/replicas")
     async def list_replicas(request: Request) -> Response:
         try:
-            authenticate(gw, request, admin=True)
+            authenticate_operator(gw, request, admin_api=True)
         except HttpError as err:
             return err.response()
         return JSONResponse([_describe(gw, gw.replicas[k]) for k in sorted(gw.replicas)])
 
     @app.post("/admin/replicas")
     async def add_replica(request: Request) -> Response:
+        """Body: {"url": ..., "kind": "fleetserve" | "openai", "api_key": optional}. The
+        replica gets no user traffic until an active probe passes, and never the fleet's
+        internal key: only `api_key`, if given."""
         try:
-            authenticate(gw, request, admin=True)
-            body = await request.json()
+            authenticate_operator(gw, request, admin_api=True)
+            body = await read_json(request, ADMIN_BODY_LIMIT)
+            if not isinstance(body, dict) or not isinstance(body.get("url"), str):
+                raise ValueError("'url' must be a string")
+            api_key = body.get("api_key")
+            if api_key is not None and not isinstance(api_key, str):
+                raise ValueError("'api_key' must be a string")
             kind = ReplicaKind(body.get("kind", "fleetserve"))
-            replica = gw.add_replica(str(body["url"]), kind)
+            replica = gw.add_replica(body["url"], kind, trusted=False, api_key=api_key)
         except HttpError as err:
             return err.response()
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:
             return HttpError(
-                400, f"expected {{'url': ..., 'kind': ...}}: {exc}", "invalid_request_error"
+                400,
+                f"expected {{'url': 'http://HOST:PORT', 'kind': 'fleetserve' | 'openai', "
+                f"'api_key': optional}}: {exc}",
+                "invalid_request_error",
             ).response()
         return JSONResponse(_describe(gw, replica), 201)
 
     @app.post("/admin/replicas/{replica_id}/{action}")
     async def replica_action(replica_id: str, action: str, request: Request) -> Response:
         try:
-            authenticate(gw, request, admin=True)
+            authenticate_operator(gw, request, admin_api=True)
             replica = _replica_of(gw, replica_id)
             if action == "drain":
                 gw.set_draining(replica.id, True)
@@ -107,6 +163,9 @@ def create_app(gw: Gateway) -> FastAPI:
         return JSONResponse(_describe(gw, replica))
 
     return app
+
+
+ADMIN_BODY_LIMIT = 64 * 1024
 
 
 def _replica_of(gw: Gateway, replica_id: str) -> Replica:

@@ -9,7 +9,7 @@ import os
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
-from fleetserve.gateway.replica import ReplicaKind
+from fleetserve.gateway.replica import ReplicaKind, check_replica_url
 from fleetserve.gateway.serve import bind, run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
 
@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "routing and exact text across migrations",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    # The replicas' own API key, if they need one, comes from $FLEETSERVE_UPSTREAM_API_KEY.
+    # The replicas' own API key, if they need one, comes from $FLEETSERVE_UPSTREAM_API_KEY;
+    # it goes only to these --replica URLs, never to one added through the admin API.
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     add_gateway_arguments(p)
     p.set_defaults(func=main, _parser=p)
@@ -73,6 +74,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         api_keys = api_keys_from_args(args)
+        for url in args.replica:
+            check_replica_url(url)
     except (ValueError, TypeError, OSError) as exc:
         parser.error(str(exc))
     try:

@@ -33,6 +33,18 @@ class GatewayConfig:
     breaker_cooldown_s: float = 2.0
     breaker_max_cooldown_s: float = 30.0
     default_max_tokens: int = 256  # for token-budget estimates when a request sets none
+    # The door: bodies larger than this are refused with 413 before they are parsed.
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Work one request may ask for, refused with 400: prompts in one /v1/completions batch,
+    # choices per prompt (`n`, the replica's own cap too), and prompts x n (each choice
+    # is a sequence the replica decodes; as many as the largest batch of single choices).
+    max_prompts_per_request: int = 2048
+    max_n: int = 128
+    max_choices_per_request: int = 2048
+    # Envoy's retry budget: retries in flight at most this percentage of the requests in
+    # flight, but `retry_min_concurrency` are always allowed.
+    retry_budget_percent: float = 20.0
+    retry_min_concurrency: int = 3
 
     def __post_init__(self) -> None:
         from fleetserve.gateway.policies import POLICIES
@@ -47,6 +59,18 @@ class GatewayConfig:
             raise ValueError("max_outstanding_per_replica must be >= 1")
         if self.stall_timeout_s <= 0 or self.first_chunk_timeout_s <= 0:
             raise ValueError("stall_timeout_s and first_chunk_timeout_s must be > 0")
+        for name in (
+            "max_body_bytes",
+            "max_prompts_per_request",
+            "max_n",
+            "max_choices_per_request",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.retry_budget_percent > 100:
+            raise ValueError(
+                f"retry_budget_percent must be within 0..100, got {self.retry_budget_percent}"
+            )
         _ = self.breaker  # validates the breaker fields
 
     @property

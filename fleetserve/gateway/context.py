@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from fleetserve.gateway.api_keys import ApiKey
+from fleetserve.gateway.priority import DEFAULT_PRIORITY, priority_rank
+from fleetserve.gateway.replica import Replica
 from fleetserve.gateway.route_request import RouteRequest
 
 
@@ -21,6 +23,11 @@ class RequestContext:
     deadline: float | None
     charged_tokens: int  # taken from the key's tokens/min bucket
     exclude: set[str] = dataclasses.field(default_factory=set)
+    retry_in_flight: bool = False  # holds a place in the gateway's retry budget
+
+    def __post_init__(self) -> None:
+        # The priority is the key's, never the client's (see `body_for`).
+        self.body.pop("priority", None)
 
     @property
     def stream(self) -> bool:
@@ -39,6 +46,19 @@ class RequestContext:
     def remaining(self, now: float) -> float | None:
         return None if self.deadline is None else self.deadline - now
 
-    def upstream_headers(self, attempt: int) -> dict[str, str]:
+    def upstream_headers(self, attempt: int, replica: Replica) -> dict[str, str]:
         rid = self.request_id if attempt == 0 else f"{self.request_id}.{attempt}"
-        return {"X-Request-Id": rid}
+        return {**replica.auth_headers, "X-Request-Id": rid}
+
+    def body_for(self, replica: Replica, body: dict | None = None) -> dict:
+        """`body` (default: the client's) as sent to `replica`, with the key's priority
+        and never the client's: a fleetserve replica gets the key's class relative to the
+        default one (critical -2, high -1, low 1; lower is served first, as the replica
+        orders them), left out for the default class (the replica's own default, 0);
+        other servers get none."""
+        out = dict(self.body if body is None else body)
+        out.pop("priority", None)
+        relative = self.key.priority_rank - priority_rank(DEFAULT_PRIORITY)
+        if replica.supports_extensions and relative:
+            out["priority"] = relative
+        return out

@@ -26,10 +26,12 @@ import httpx
 from fleetserve.gateway.admission import AdmissionController
 from fleetserve.gateway.api_keys import ApiKeyStore
 from fleetserve.gateway.config import GatewayConfig
+from fleetserve.gateway.context import RequestContext
 from fleetserve.gateway.dispatch_queue import DispatchQueue, QueueFull
 from fleetserve.gateway.metrics import GatewayMetrics
 from fleetserve.gateway.policies import make_policy
 from fleetserve.gateway.replica import Replica, ReplicaKind, ReplicaView
+from fleetserve.gateway.retry_budget import RetryBudget
 from fleetserve.gateway.route_request import RouteRequest
 from fleetserve.gateway.router import Router
 from fleetserve.gateway.tokenizer import PromptTokenizer
@@ -79,19 +81,20 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         upstream_api_key: str | None = None,
     ) -> None:
-        """`upstream_api_key`: sent as a bearer token on every call to a replica."""
+        """`api_keys`: None lets every client in and keeps the admin routes off.
+        `upstream_api_key`: the internal key of the replicas this gateway was started with;
+        sent (as a bearer token) only to replicas added with `trusted=True`."""
         self.config = config
         self.api_keys = api_keys
         self.prompts: PromptTokenizer | None = None
         self.set_tokenizer(tokenizer)
         self.clock = clock
-        self._upstream_headers = (
-            {"Authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
-        )
+        self._internal_key = upstream_api_key
         self.router = Router(
             make_policy(config.router, config.seed), config.max_outstanding_per_replica
         )
         self.admission = AdmissionController()
+        self.retry_budget = RetryBudget(config.retry_budget_percent, config.retry_min_concurrency)
         self.queue: DispatchQueue[Ticket] = DispatchQueue(config.max_queue)
         self.waits = WaitEstimator()
         self.metrics = GatewayMetrics()
@@ -109,7 +112,6 @@ class Gateway:
 
     async def start(self) -> None:
         self.client = httpx.AsyncClient(
-            headers=self._upstream_headers,
             timeout=httpx.Timeout(None, connect=self.config.connect_timeout_s),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
         )
@@ -140,11 +142,20 @@ class Gateway:
         kind: ReplicaKind = ReplicaKind.FLEETSERVE,
         pid: int | None = None,
         replica_id: str | None = None,
+        *,
+        trusted: bool = True,
+        api_key: str | None = None,
     ) -> Replica:
+        """Raises ValueError for a malformed URL or a taken id. `trusted`: the operator
+        named or started this replica, so it gets the internal key (unless `api_key` is
+        given); a replica added through the admin API is not. Either way it gets no work
+        until an active probe passes."""
         replica_id = replica_id or f"r{next(self._ids)}"
         if replica_id in self.replicas:
             raise ValueError(f"replica id {replica_id!r} is taken")
+        key = api_key or (self._internal_key if trusted else None)
         replica = Replica(replica_id, url, kind, pid, self.config.breaker)
+        replica.auth_headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.replicas[replica_id] = replica
         if self._started:
             self._start_tasks(replica)
@@ -287,6 +298,31 @@ class Gateway:
                     await self._changed.wait()
             except TimeoutError:
                 pass
+
+    # ---- retries -----------------------------------------------------------------------------
+
+    def request_started(self, ctx: RequestContext) -> None:
+        """An admitted request is in flight (it counts towards the retry budget)."""
+        self.retry_budget.request_started()
+
+    def request_ended(self, ctx: RequestContext) -> None:
+        if ctx.retry_in_flight:
+            ctx.retry_in_flight = False
+            self.retry_budget.retry_ended()
+        self.retry_budget.request_ended()
+
+    def allow_retry(self, ctx: RequestContext) -> bool:
+        """Whether `ctx` may try another replica now; its previous retry (if any) has
+        ended. Counts the refusal in the metrics."""
+        if ctx.retry_in_flight:
+            ctx.retry_in_flight = False
+            self.retry_budget.retry_ended()
+        if self.retry_budget.try_start_retry():
+            ctx.retry_in_flight = True
+            return True
+        self.metrics.retries_denied.inc()
+        logger.info("request %s: retry denied by the retry budget", ctx.request_id)
+        return False
 
     def prefill_done(self, replica: Replica, request_id: str) -> None:
         """The request's first token arrived: its prompt no longer weighs on the replica."""

@@ -42,14 +42,15 @@ async def probe_once(gw: Gateway, replica: Replica) -> bool:
     client = gw.client
     timeout = gw.config.probe_timeout_s
     ok, why = False, ""
+    auth = replica.auth_headers
     try:
         async with asyncio.timeout(timeout):
             if replica.supports_extensions:
-                health = await client.get(f"{replica.url}/health")
+                health = await client.get(f"{replica.url}/health", headers=auth)
                 if health.status_code != 200:
                     raise _NotReady(f"/health answered {health.status_code}")
             if not replica.model_ids:
-                models = await client.get(f"{replica.url}/v1/models")
+                models = await client.get(f"{replica.url}/v1/models", headers=auth)
                 if models.status_code == 200:
                     replica.model_ids = [m["id"] for m in models.json().get("data", [])]
             body = {"prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0.0, "stream": False}
@@ -58,13 +59,13 @@ async def probe_once(gw: Gateway, replica: Replica) -> bool:
             answer = await client.post(
                 f"{replica.url}/v1/completions",
                 json=body,
-                headers={"X-Request-Id": f"probe-{uuid.uuid4().hex[:12]}"},
+                headers={**auth, "X-Request-Id": f"probe-{uuid.uuid4().hex[:12]}"},
             )
             if answer.status_code != 200:
                 raise _NotReady(f"one-token generation answered {answer.status_code}")
             ok = True
             if replica.supports_extensions:
-                replica.load = await scrape_load(client, replica.url)
+                replica.load = await scrape_load(client, replica.url, auth)
     except TimeoutError:
         why = f"no answer within {timeout:.1f}s"
     except (_NotReady, httpx.HTTPError, ValueError, KeyError) as exc:
@@ -93,9 +94,11 @@ class _NotReady(Exception):
     pass
 
 
-async def scrape_load(client: httpx.AsyncClient, url: str) -> LoadStats:
+async def scrape_load(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
+) -> LoadStats:
     """Running/waiting requests and KV usage from a fleetserve replica's /metrics."""
-    resp = await client.get(f"{url}/metrics")
+    resp = await client.get(f"{url}/metrics", headers=headers)
     stats = LoadStats()
     if resp.status_code != 200:
         return stats

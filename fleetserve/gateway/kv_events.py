@@ -29,7 +29,8 @@ async def kv_event_loop(gw: Gateway, replica: Replica) -> None:
     delay = RECONNECT_MIN_S
     while True:
         try:
-            async with gw.client.stream("GET", f"{replica.url}/v1/kv_events") as resp:
+            url = f"{replica.url}/v1/kv_events"
+            async with gw.client.stream("GET", url, headers=replica.auth_headers) as resp:
                 if resp.status_code == 404:
                     logger.warning(
                         "replica %s publishes no KV events; prefix routing is blind to it",

@@ -102,6 +102,11 @@ class GatewayMetrics:
         self.migration_failures = Counter(
             f"{P}migration_failures", "streams that could not be continued", registry=r
         )
+        self.retries_denied = Counter(
+            f"{P}retries_denied",
+            "retries not made because the retry budget was spent",
+            registry=r,
+        )
         self.shed = Counter(
             f"{P}shed_requests",
             "requests refused with 429 (or displaced from the queue)",

@@ -1,12 +1,14 @@
-"""The path of one generation request through the gateway:
+"""The path of one generation request through the gateway, cheapest checks first:
 
-authenticate ─▶ parse ─▶ tokenize (for routing) ─▶ admit (key limits) ─▶ acquire a replica
-(queue) ─▶ stream (`StreamSession`) or unary call, with retries ─▶ release.
+authenticate ─▶ read the body (size limit) ─▶ check its shape and limits ─▶ admit (key
+limits) ─▶ tokenize (for routing, in a thread) ─▶ acquire a replica (queue) ─▶ stream
+(`StreamSession`) or unary call, with retries (retry budget) ─▶ release.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import uuid
@@ -16,16 +18,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fleetserve.gateway.api_keys import ANONYMOUS, ApiKey
 from fleetserve.gateway.context import RequestContext
-from fleetserve.gateway.continuation import max_tokens_of
 from fleetserve.gateway.gateway import DeadlineExceeded, Gateway, NoReplica, Outcome, Shed
 from fleetserve.gateway.replica import Replica
+from fleetserve.gateway.request_body import BodyShape, InvalidBody, charged_tokens, check_body
 from fleetserve.gateway.route_request import RouteRequest
 from fleetserve.gateway.sse import error_body
 from fleetserve.gateway.stream import StreamSession, failure_status
-from fleetserve.gateway.tokenizer import estimate_prompt_tokens
 from fleetserve.gateway.upstream import UpstreamError, post_json
 
 logger = logging.getLogger(__name__)
+
+# Longer single prompts are not tokenized for prefix routing (their estimate is used):
+# tokenizing megabytes costs the gateway more than a cache hit saves.
+MAX_TOKENIZED_PROMPT_CHARS = 256 * 1024
+ENABLE_ADMIN = (
+    "start the gateway with --operator-key (or $FLEETSERVE_OPERATOR_KEY, or operator_key "
+    "in --gateway-config, or an 'admin: true' entry in --api-keys-file)"
+)
 
 
 class HttpError(Exception):
@@ -56,19 +65,61 @@ def too_many(reason: str, retry_after_s: float) -> HttpError:
     )
 
 
-def authenticate(gw: Gateway, request: Request, admin: bool = False) -> ApiKey:
-    if gw.api_keys is None:
-        return ANONYMOUS
+def _presented_key(request: Request) -> str:
     auth = request.headers.get("authorization", "")
-    presented = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+
+def authenticate(gw: Gateway, request: Request) -> ApiKey:
+    """The client's key; anonymous when no client key is configured."""
+    if gw.api_keys is None or not gw.api_keys.clients_need_key:
+        return ANONYMOUS
+    presented = _presented_key(request)
     key = gw.api_keys.lookup(presented) if presented else None
     if key is None:
         raise HttpError(
             401, "a valid API key is required (Authorization: Bearer KEY)", "authentication_error"
         )
-    if admin and not key.admin:
-        raise HttpError(403, "this key may not call admin endpoints", "permission_error")
     return key
+
+
+def authenticate_operator(gw: Gateway, request: Request, admin_api: bool) -> None:
+    """Admin routes (`admin_api`) need an admin key and are off without one. Operator
+    routes (/metrics, /docs) are open while no key at all is configured, and otherwise
+    need an admin key too."""
+    store = gw.api_keys
+    if store is None and not admin_api:
+        return
+    if store is None or not store.has_admin:
+        what = "the admin routes are off" if admin_api else "this route needs an operator key"
+        raise HttpError(403, f"{what}: {ENABLE_ADMIN}", "permission_error")
+    presented = _presented_key(request)
+    key = store.lookup(presented) if presented else None
+    if key is None:
+        raise HttpError(
+            401, "an operator key is required (Authorization: Bearer KEY)", "authentication_error"
+        )
+    if not key.admin:
+        raise HttpError(403, "this key may not call operator routes", "permission_error")
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """The body parsed as JSON; 413 past `limit` bytes (read no further), 400 if not JSON."""
+    too_large = HttpError(
+        413, f"the body is larger than {limit} bytes (max_body_bytes)", "invalid_request_error"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise too_large
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise HttpError(400, "the body must be a JSON object", "invalid_request_error") from None
 
 
 def parse_deadline(request: Request, gw: Gateway, now: float) -> float | None:
@@ -87,35 +138,43 @@ def parse_deadline(request: Request, gw: Gateway, now: float) -> float | None:
     return now + seconds
 
 
-async def build_context(gw: Gateway, request: Request, endpoint: str, chat: bool) -> RequestContext:
-    now = gw.clock()
+async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bool) -> Response:
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    key = authenticate(gw, request)
-    deadline = parse_deadline(request, gw, now)
+    now = gw.clock()
     try:
-        body = await request.json()
-    except ValueError:
-        raise HttpError(400, "the body must be a JSON object", "invalid_request_error") from None
-    if not isinstance(body, dict):
-        raise HttpError(400, "the body must be a JSON object", "invalid_request_error")
-    routable = gw.prompts is not None and endpoint != "/v1/embeddings"
-    ids = gw.prompts.prompt_ids(body, chat) if routable else None
-    num_prompt = len(ids) if ids is not None else estimate_prompt_tokens(body, chat)
-    try:
-        max_tokens = max_tokens_of(body, chat)
-        n = int(body.get("n") or 1)
-    except (TypeError, ValueError):
-        raise HttpError(400, "max_tokens and n must be integers", "invalid_request_error") from None
-    if max_tokens is None:
-        max_tokens = gw.config.default_max_tokens
+        key = authenticate(gw, request)
+        deadline = parse_deadline(request, gw, now)
+        body = await read_json(request, gw.config.max_body_bytes)
+        try:
+            shape = check_body(body, endpoint, gw.config)
+        except InvalidBody as exc:
+            raise HttpError(400, str(exc), "invalid_request_error") from None
+    except HttpError as err:
+        gw.metrics.requests.labels(endpoint, str(err.status)).inc()
+        return err.response(request_id)
+    charge = charged_tokens(shape.estimated_prompt_tokens, shape, gw.config.default_max_tokens)
+    refused = _admit(gw, key, charge, now)
+    if refused is not None:
+        gw.metrics.requests.labels(endpoint, "429").inc()
+        return refused.response(request_id)
+    ids = await _prompt_ids(gw, body, endpoint, shape)
+    if ids is not None and len(ids) > shape.estimated_prompt_tokens:
+        # The estimate was low: charge the rest before any replica does the work.
+        extra = len(ids) - shape.estimated_prompt_tokens
+        refused = _admit(gw, key, extra, gw.clock(), top_up=True)
+        if refused is not None:
+            gw.admission.release(key, charge, 0, gw.clock())
+            gw.metrics.requests.labels(endpoint, "429").inc()
+            return refused.response(request_id)
+        charge += extra
     route = RouteRequest(
         request_id=request_id,
         prompt_token_ids=tuple(ids) if ids is not None else None,
-        num_prompt_tokens=num_prompt,
-        max_tokens=max_tokens,
+        num_prompt_tokens=len(ids) if ids is not None else shape.estimated_prompt_tokens,
+        max_tokens=gw.config.default_max_tokens if shape.max_tokens is None else shape.max_tokens,
         priority_rank=key.priority_rank,
     )
-    return RequestContext(
+    ctx = RequestContext(
         endpoint=endpoint,
         chat=chat,
         body=body,
@@ -124,43 +183,73 @@ async def build_context(gw: Gateway, request: Request, endpoint: str, chat: bool
         route=route,
         arrival=now,
         deadline=deadline,
-        charged_tokens=num_prompt + max(max_tokens, 0) * max(n, 1),
+        charged_tokens=charge,
     )
-
-
-async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bool) -> Response:
-    request_id = request.headers.get("x-request-id")
-    try:
-        ctx = await build_context(gw, request, endpoint, chat)
-    except HttpError as err:
-        gw.metrics.requests.labels(endpoint, str(err.status)).inc()
-        return err.response(request_id)
-    decision = gw.admission.admit(ctx.key, ctx.charged_tokens, ctx.arrival)
-    if not decision.admitted:
-        gw.metrics.shed.labels(decision.reason).inc()
-        gw.metrics.requests.labels(endpoint, "429").inc()
-        if decision.reason == "too_large":
-            err = HttpError(
-                429,
-                "the request needs more tokens than the key's tokens_per_min",
-                "rate_limit_exceeded",
-            )
-        else:
-            err = too_many(decision.reason, decision.retry_after_s)
-        return err.response(ctx.request_id)
+    gw.request_started(ctx)
     if ctx.stream:
-        return await _stream(gw, ctx)
-    return await _unary(gw, ctx, request)
+        return await _stream(gw, ctx, request)
+    try:
+        return await _unary(gw, ctx, request)
+    finally:
+        gw.request_ended(ctx)
 
 
-async def _stream(gw: Gateway, ctx: RequestContext) -> Response:
+def _admit(
+    gw: Gateway, key: ApiKey, tokens: int, now: float, top_up: bool = False
+) -> HttpError | None:
+    """None if admitted, else the 429 to answer."""
+    if top_up:
+        decision = gw.admission.charge_more(key, tokens, now)
+    else:
+        decision = gw.admission.admit(key, tokens, now)
+    if decision.admitted:
+        return None
+    gw.metrics.shed.labels(decision.reason).inc()
+    if decision.reason == "too_large":
+        return HttpError(
+            429,
+            "the request may cost more tokens (prompt + prompts x n x max_tokens) than the "
+            "key's tokens_per_min: lower max_tokens, n or the number of prompts",
+            "rate_limit_exceeded",
+        )
+    return too_many(decision.reason, decision.retry_after_s)
+
+
+async def _prompt_ids(gw: Gateway, body: dict, endpoint: str, shape: BodyShape) -> list[int] | None:
+    """The prompt's token ids for prefix routing, tokenized off the event loop; None for
+    batches, embeddings, huge prompts and when the gateway has no tokenizer."""
+    if gw.prompts is None or endpoint == "/v1/embeddings" or not shape.single_prompt:
+        return None
+    if shape.estimated_prompt_tokens * 4 > MAX_TOKENIZED_PROMPT_CHARS:
+        return None
+    return await asyncio.to_thread(gw.prompts.prompt_ids, body, endpoint != "/v1/completions")
+
+
+async def _stream(gw: Gateway, ctx: RequestContext, request: Request) -> Response:
     session = StreamSession(gw, ctx)
     try:
-        first = await session.open()
+        # A client that leaves while its request waits for a slot leaves the queue at once.
+        first = await _unless_disconnected(request, session.open())
+    except _ClientGone:
+        gw.request_ended(ctx)
+        gw.metrics.disconnects.inc()
+        return Response(status_code=499)
     except (Shed, NoReplica, DeadlineExceeded, UpstreamError) as exc:
+        gw.request_ended(ctx)
         return _failure_response(gw, ctx, exc)
+    except BaseException:
+        gw.request_ended(ctx)
+        raise
+
+    async def body():
+        try:
+            async for event in session.body(first):
+                yield event
+        finally:
+            gw.request_ended(ctx)
+
     return StreamingResponse(
-        session.body(first),
+        body(),
         media_type="text/event-stream",
         headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"},
     )
@@ -203,7 +292,8 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
     replica: Replica | None = None
     retries = 0
     try:
-        replica = await gw.acquire(ctx.route, ctx.deadline)
+        # A client that leaves while its request waits for a slot leaves the queue at once.
+        replica = await _unless_disconnected(request, gw.acquire(ctx.route, ctx.deadline))
         while True:
             started = gw.clock()
             remaining = ctx.remaining(started)
@@ -211,8 +301,8 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
             call = post_json(
                 gw.client,
                 f"{replica.url}{ctx.endpoint}",
-                ctx.body,
-                ctx.upstream_headers(retries),
+                ctx.body_for(replica),
+                ctx.upstream_headers(retries, replica),
                 timeout,
             )
             try:
@@ -224,7 +314,7 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
                 remaining = ctx.remaining(gw.clock())
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded(str(exc)) from exc
-                if retries >= gw.config.max_retries:
+                if retries >= gw.config.max_retries or not gw.allow_retry(ctx):
                     raise
                 retries += 1
                 gw.metrics.retries.labels(exc.reason).inc()

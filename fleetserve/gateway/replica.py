@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from fleetserve.gateway.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
 from fleetserve.gateway.prefix_index import EMPTY_PREFIX, PrefixIndex, PrefixView
@@ -43,9 +44,12 @@ class Replica:
     load: LoadStats = field(default_factory=LoadStats)
     model_ids: list[str] = field(default_factory=list)
     last_progress: float = float("-inf")  # when this gateway last received a chunk from it
+    # Sent on every call to this replica: its bearer key, if it needs one. Per replica, so
+    # that the fleet's internal key goes only to replicas the operator named or started.
+    auth_headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.url = self.url.rstrip("/")
+        self.url = check_replica_url(self.url)
         self.breaker = CircuitBreaker(self.breaker_config)
         self.prefix = PrefixIndex()
 
@@ -89,6 +93,28 @@ class Replica:
             prefix=PrefixView(self.prefix) if self.supports_extensions else EMPTY_PREFIX,
             pending_prefill_tokens=sum(self.prefilling.values()),
         )
+
+
+def check_replica_url(url: str) -> str:
+    """`url` without a trailing slash; raises ValueError unless it is a plain http(s) base
+    URL (a host, no credentials, no query or fragment)."""
+    if not isinstance(url, str):
+        raise ValueError(f"a replica URL must be a string, got {type(url).__name__}")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"replica URL {url!r} is malformed: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"replica URL {url!r} must be http(s)://HOST[:PORT][/PATH]")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"replica URL for {parts.hostname} must not hold credentials; pass its key "
+            "as 'api_key' instead"
+        )
+    if parts.query or parts.fragment or any(c.isspace() for c in url):
+        raise ValueError(f"replica URL {url!r} must have no query, fragment or spaces")
+    return url.rstrip("/")
 
 
 @dataclass(frozen=True)

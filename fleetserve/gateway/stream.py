@@ -72,6 +72,8 @@ class StreamSession:
                         raise DeadlineExceeded(str(exc)) from exc
                     if not exc.retryable or self.retries >= self.gw.config.max_retries:
                         raise
+                    if not self.gw.allow_retry(self.ctx):
+                        raise
                     self.retries += 1
                     self.gw.metrics.retries.labels(exc.reason).inc()
                     logger.info(
@@ -97,9 +99,13 @@ class StreamSession:
         self.attempt_started = self.gw.clock()
         self.events_this_attempt = 0
         timeout = self._timeout(self.gw.config.first_chunk_timeout_s)
-        headers = self.ctx.upstream_headers(self.attempt - 1)
+        headers = self.ctx.upstream_headers(self.attempt - 1, replica)
         self.upstream = await open_stream(
-            self.gw.client, f"{replica.url}{path}", body, headers, timeout
+            self.gw.client,
+            f"{replica.url}{path}",
+            self.ctx.body_for(replica, body),
+            headers,
+            timeout,
         )
         if self.state.continuing:
             return []

@@ -33,8 +33,21 @@ class UpstreamStall(UpstreamError):
     """No event within the timeout; the replica may be alive but stuck."""
 
 
-def is_retryable_status(status: int) -> bool:
-    return status >= 500 or status in (408, 429)
+# Answers that say the replica (not the request) failed: another replica may succeed, and
+# they count against the replica's circuit breaker.
+REPLICA_FAILURE_STATUSES = frozenset({408, 429, 502, 503, 504})
+
+
+def is_retryable_status(status: int, body: bytes = b"") -> bool:
+    """Whether an error answer is the replica's failure rather than the request's.
+
+    4xx: the request's (not retried, neutral for the breaker). A 500 from a replica whose
+    probes pass is taken to be the request's too (a body that trips a bug): retrying it
+    would only spread it over the fleet and open every breaker; it is passed on as it is.
+    A replica that is really broken fails its probes, which take it out. A dead engine
+    (`engine_dead`, whatever its status) and 502/503/504, 408 and 429 are the replica's.
+    """
+    return status in REPLICA_FAILURE_STATUSES or (status >= 500 and b"engine_dead" in body)
 
 
 class UpstreamStream:
@@ -78,7 +91,7 @@ async def open_stream(
             await response.aclose()
         raise UpstreamError(
             f"replica answered {response.status_code}",
-            retryable=is_retryable_status(response.status_code),
+            retryable=is_retryable_status(response.status_code, content),
             status=response.status_code,
             body=content,
         )
@@ -96,7 +109,9 @@ async def post_json(
         raise UpstreamStall(f"no answer within {timeout_s:.1f}s") from None
     except httpx.HTTPError as exc:
         raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
-    if response.status_code != 200 and is_retryable_status(response.status_code):
+    if response.status_code != 200 and is_retryable_status(
+        response.status_code, response.content[:MAX_ERROR_BODY]
+    ):
         raise UpstreamError(
             f"replica answered {response.status_code}",
             status=response.status_code,
