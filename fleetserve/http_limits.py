@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ import h11
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
 logger = logging.getLogger(__name__)
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")  # h11 also takes bare newlines
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,21 @@ class LimitedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+            # h11 bounds only a head still incomplete; one that arrives whole in a chunk
+            # would pass.
+            self._set_phase(None)
+            return self._send_raw(431, self._too_large_message())
         super().data_received(data)
         self._watch()
+
+    def _head_too_large(self, data: bytes) -> bool:
+        head = self.conn.trailing_data[0] + data
+        end = _HEAD_END.search(head)
+        return (end.end() if end else len(head)) > self.limits.max_header_bytes
+
+    def _too_large_message(self) -> str:
+        return f"Request header fields are larger than {self.limits.max_header_bytes} bytes."
 
     def on_response_complete(self) -> None:
         self._served_one = True
@@ -109,9 +125,7 @@ class LimitedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         self._set_phase(None)
         status = self.conn.error_status
-        if status == 431:
-            msg = f"Request header fields are larger than {self.limits.max_header_bytes} bytes."
-        self._send_error(status, msg)
+        self._send_error(status, self._too_large_message() if status == 431 else msg)
 
     # ---- deadlines ---------------------------------------------------------------------------
 
@@ -152,12 +166,7 @@ class LimitedH11Protocol(H11Protocol):
                 client,
                 self.limits.header_timeout,
             )
-            # h11 cannot answer a request it has not parsed: write the 408 by hand.
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-            )
-            self.transport.close()
-            return
+            return self._send_raw(408, "Request head not received in time.")
         logger.info(
             "closing %s: request body not received within %.0f s", client, self.limits.body_timeout
         )
@@ -168,6 +177,17 @@ class LimitedH11Protocol(H11Protocol):
             self._send_error(408, "Request body not received in time.")
         else:
             self.transport.close()
+
+    def _send_raw(self, status: int, msg: str) -> None:
+        """Answer and close where h11 cannot: it sends no response to a head it has not
+        parsed."""
+        body = msg.encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, STATUS_PHRASES[status], len(body), body)
+        )
+        self.transport.close()
 
     def _send_error(self, status: int, msg: str) -> None:
         headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 128  # OpenAI's ceiling
 MAX_STOP = 16
@@ -100,6 +100,15 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _few_enough_prompts(cls, value: object) -> object:
+        # Before the union: its members' errors would drown this one.
+        if isinstance(value, list) and value and not isinstance(value[0], int):
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"{len(value)} prompts; at most {MAX_PROMPTS} per request")
+        return value
 
 
 class TextPart(_Model):
