@@ -339,6 +339,19 @@ def test_sdk_raises_typed_errors(client):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
 
 
+def test_client_priority_with_the_flag_is_bounded(server):
+    # This replica runs with --allow-client-priority (as behind a gateway).
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+    for priority in (-(2**31), -3, 7, 2**31 - 1):
+        r = httpx.post(server.url + "/v1/completions", json={**body, "priority": priority},
+                       headers=AUTH)  # fmt: skip
+        assert r.status_code == 200, r.text
+    for priority in (-(2**31) - 1, 2**31, 10**30):
+        r = httpx.post(server.url + "/v1/completions", json={**body, "priority": priority},
+                       headers=AUTH)  # fmt: skip
+        assert_error(r, 400, "priority")
+
+
 def test_401_without_or_with_wrong_key(server):
     body = {"model": MODEL, "prompt": "hi"}
     url = server.url + "/v1/completions"

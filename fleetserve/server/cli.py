@@ -298,18 +298,26 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         parser.error(f"cannot listen on {host}:{port}: {exc}")
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
-    if not settings.api_key and not settings.operator_key and not _is_loopback(host):
-        logger.warning(
-            "no --api-key nor --operator-key: anyone who can reach %s may generate, read "
-            "/metrics and the KV events; set keys on an address other than loopback",
-            url,
-        )
+    warn_if_open(settings, host)
     print(f"fleetserve: listening on {url}; loading {settings.engine.model} ...", flush=True)
 
     def on_ready() -> None:
         print(ready_message(url, settings), flush=True)
 
     return runner.serve(settings, sock, on_ready=on_ready, log_level=args.log_level)
+
+
+def warn_if_open(settings, host: str) -> bool:
+    """Log a warning if a server with no key at all listens beyond loopback; True if so."""
+    if settings.api_key or settings.operator_key or _is_loopback(host):
+        return False
+    logger.warning(
+        "no --api-key nor --operator-key: anyone who can reach %s may generate, and read "
+        "/metrics and the KV events (other clients' prompt blocks); set keys when listening "
+        "beyond loopback",
+        host,
+    )
+    return True
 
 
 def _is_loopback(host: str) -> bool:
