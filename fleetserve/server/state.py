@@ -33,6 +33,10 @@ RETRY_AFTER_S = 1  # Retry-After for 429: one step drains the queue little, a se
 # (HF fast tokenizers release the GIL; more threads than cores would only queue inside).
 BLOCKING_WORKERS = 4
 
+# Characters per token assumed when the vocabulary cannot be read: so many that the cheap
+# length check never refuses a prompt that could fit (the body limit still bounds it).
+UNKNOWN_TOKEN_CHARS = 2**20
+
 T = TypeVar("T")
 
 
@@ -124,7 +128,11 @@ class ServerState:
             self.phase = Phase.FAILED
             self._request_exit(1)
             return
-        self.max_token_chars = await self.run_blocking(max_token_chars, self.engine.tokenizer)
+        try:
+            self.max_token_chars = await self.run_blocking(max_token_chars, self.engine.tokenizer)
+        except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary list
+            logger.exception("cannot measure the vocabulary; long texts are tokenized to check")
+            self.max_token_chars = UNKNOWN_TOKEN_CHARS
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
         logger.info("engine ready in %.1f s", time.monotonic() - start)
@@ -286,10 +294,14 @@ def require_operator_key(request: Request) -> None:
     if _matches(token, settings.operator_key):
         return
     if _matches(token, settings.api_key):
+        how = (
+            "send the server's --operator-key"
+            if settings.operator_key
+            else "this server has no --operator-key; restart it with one"
+        )
         raise APIError(
             403,
-            "this route needs the operator scope: send the server's --operator-key "
-            "(a client API key is not enough)",
+            f"this route needs the operator scope, and a client API key is not enough: {how}",
             code="operator_scope_required",
         )
     raise APIError(
