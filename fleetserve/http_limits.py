@@ -161,13 +161,13 @@ class LimitedH11Protocol(H11Protocol):
         self._phase = None
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         if phase == "head":
-            logger.info(
+            logger.debug(  # debug: a flood of slow sockets must not flood the log
                 "closing %s: no complete request head within %.0f s",
                 client,
                 self.limits.header_timeout,
             )
             return self._send_raw(408, "Request head not received in time.")
-        logger.info(
+        logger.debug(
             "closing %s: request body not received within %.0f s", client, self.limits.body_timeout
         )
         cycle = self.cycle

@@ -239,9 +239,18 @@ def test_out_of_bounds_fields_are_400(server, field, value):
     assert_serves(server)
 
 
-def test_chat_top_logprobs_is_bounded(server):
-    body = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}
-    assert_error(post(server, "/v1/chat/completions", body), 400, "top_logprobs")
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"min_tokens": 10**30}, "min_tokens"),
+        ({"max_completion_tokens": 10**30}, "max_completion_tokens"),
+        ({"top_k": 10**30, "seed": -(2**64)}, "seed"),
+    ],
+)
+def test_chat_out_of_bounds_fields_are_400(server, extra, field):
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    assert_error(post(server, "/v1/chat/completions", body), 400, field)
     assert_serves(server)
 
 

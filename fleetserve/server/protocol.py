@@ -21,6 +21,7 @@ MAX_PROMPTS = 2048  # prompts in one completions request: OpenAI's ceiling for p
 MAX_MESSAGES = 4096
 MAX_SALT_CHARS = 1024
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+INT32_MAX = 2**31 - 1
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
@@ -62,7 +63,7 @@ class SamplingFields(_Model):
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: TokenIds | None = Field(None, max_length=MAX_STOP)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)  # beyond, the engine's wire format fails
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     stream: bool = False
@@ -71,7 +72,7 @@ class SamplingFields(_Model):
     priority: int = Field(
         0,
         ge=-(2**31),
-        le=2**31 - 1,
+        le=INT32_MAX,
         description="lower is served first; non-zero only on a server run with "
         "--allow-client-priority",
     )
