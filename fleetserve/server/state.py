@@ -128,6 +128,10 @@ class ServerState:
             self.phase = Phase.FAILED
             self._request_exit(1)
             return
+        # The worker threads share one HF tokenizer. Its first encode may write (switch off a
+        # truncation or padding its file enables; a concurrent call then fails "Already
+        # borrowed"); later ones only read. So the first runs here, alone.
+        await self.run_blocking(self.engine.tokenizer.encode, "warm up")
         try:
             self.max_token_chars = await self.run_blocking(max_token_chars, self.engine.tokenizer)
         except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary list
