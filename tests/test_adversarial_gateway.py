@@ -7,11 +7,14 @@ is served alongside or afterwards. Fake replicas run in threads of this process.
 from __future__ import annotations
 
 import argparse
+import socket
+import subprocess
+import sys
 import threading
 
 import httpx
 import pytest
-from gateway_harness import ThreadServer, wait_until
+from gateway_harness import ThreadServer, free_port, wait_until
 
 from fleetserve.fleet.fake_replica import ByteTokenizer, FakeReplica, FakeSettings
 from fleetserve.gateway.api_keys import hash_key, load_api_keys, with_operator_key
@@ -359,11 +362,11 @@ def test_token_charge_counts_every_prompt_against_tokens_per_min(keys_file):
 def test_prompts_and_choices_per_request_are_capped():
     door = Door()
     try:
-        assert_error(door.post({"prompt": ["a"] * 2049, "max_tokens": 1}), 400, "2048 per request")
-        assert_error(door.post({"prompt": [[1]] * 2049, "max_tokens": 1}), 400, "2048 per request")
+        assert_error(door.post({"prompt": ["a"] * 257, "max_tokens": 1}), 400, "256 per request")
+        assert_error(door.post({"prompt": [[1]] * 257, "max_tokens": 1}), 400, "256 per request")
         assert_error(door.post({"prompt": "a", "n": 129, "max_tokens": 1}), 400, "'n'", "128")
-        many = {"prompt": ["a"] * 20, "n": 128, "max_tokens": 1}
-        assert_error(door.post(many), 400, "2560 sequences", "2048")
+        many = {"prompt": ["a"] * 20, "n": 13, "max_tokens": 1}
+        assert_error(door.post(many), 400, "260 sequences", "256")
         assert door.served(0) == 0
         assert_ok(door)
     finally:
@@ -550,3 +553,73 @@ def test_gateway_flags_reach_the_config_and_the_help_renders(monkeypatch):
     assert api_keys_from_args(args).lookup("op").admin
     help_text = args._parser.format_help()
     assert "--operator-key" in help_text and "--retry-budget-percent" in help_text
+
+
+# ---- the door itself: `fleetserve gateway` in its own process, slow and huge heads ------------
+
+
+def _read_until_closed(sock, limit_s: float) -> bytes:
+
+    sock.settimeout(limit_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        raise AssertionError(f"the gateway held the socket open past {limit_s} s") from None
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_the_gateway_door_closes_slow_heads_and_refuses_huge_ones():
+    """The same HTTP limits as the replica's door (fleetserve.http_limits): a half-sent head
+    is answered 408 and closed after --header-timeout, an oversized head gets 431 (or a
+    close), never a 200; a normal request is served while they stall."""
+    fake = ThreadServer(FakeReplica(FakeSettings(token_delay_s=0.002)).app()).start()
+    port = free_port()
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "fleetserve.cli", "gateway", "--replica", fake.url,
+         "--port", str(port), "--header-timeout", "1", "--max-header-bytes", "4096"],
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            assert gateway.poll() is None, "the gateway exited"
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 30, 0.05, "the gateway is ready")
+        silent = socket.create_connection(("127.0.0.1", port))
+        half = socket.create_connection(("127.0.0.1", port))
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: app")
+        huge = socket.create_connection(("127.0.0.1", port))
+        try:
+            huge.sendall(
+                b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+            )
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while we were still sending: also a refusal
+        answer = httpx.post(f"{url}/v1/completions", json=BODY, timeout=10)
+        assert answer.status_code == 200, answer.text
+        big = _read_until_closed(huge, 10)
+        assert not big.startswith(b"HTTP/1.1 200"), big[:100]
+        assert big == b"" or big.startswith(b"HTTP/1.1 431"), big[:100]
+        for sock in (silent, half):
+            data = _read_until_closed(sock, 10)
+            assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:100]
+            sock.close()
+        huge.close()
+        assert httpx.post(f"{url}/v1/completions", json=BODY, timeout=10).status_code == 200
+    finally:
+        gateway.terminate()
+        try:
+            gateway.wait(15)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()
+        fake.stop()

@@ -23,7 +23,7 @@ from gateway_harness import ThreadServer, free_port, sse_texts, wait_until
 from fleetserve.cli import build_parser
 from fleetserve.fleet.backend import FleetBackend, ReplicaHandle
 from fleetserve.fleet.backoff import RestartBackoff
-from fleetserve.fleet.replicated import INTERNAL_KEY, ReplicaConfigs, replica_config
+from fleetserve.fleet.replicated import ReplicaConfigs, replica_config
 from fleetserve.fleet.supervisor import Supervisor, failure_cause
 from fleetserve.gateway.api_keys import with_operator_key
 from fleetserve.gateway.app import create_app
@@ -58,7 +58,8 @@ def test_replicas_get_a_written_config_with_the_internal_key_only(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert "public-secret" not in path.read_text()
         written = yaml.safe_load(path.read_text())
-        assert written["api-key"] == "internal-key"
+        assert written["operator-key"] == "internal-key" and "api-key" not in written
+        assert written["allow-client-priority"] is True
         assert (written["host"], written["port"]) == ("127.0.0.1", 4321)
         assert written["model"] == "m.gguf" and written["num-threads"] == 2
         assert written["max-num-seqs"] == 8 and written["max-model-len"] == 256
@@ -68,21 +69,20 @@ def test_replicas_get_a_written_config_with_the_internal_key_only(tmp_path):
         )
         # the replica reads it back as its whole configuration
         replica = resolve_options(_serve_args(["--config", str(path)]))
-        assert replica["api_key"] == "internal-key" and replica["port"] == 4321
+        assert replica["operator_key"] == "internal-key" and replica["port"] == 4321
+        assert replica["api_key"] is None and replica["allow_client_priority"] is True
         assert replica["max_num_seqs"] == 8 and replica["model"] == "m.gguf"
     finally:
         configs.close()
     assert not configs.folder.exists()
 
 
-def test_extra_replica_options_get_the_internal_key():
+def test_the_public_keys_never_reach_a_replica_config():
     options = {"operator_key": "public-op", "api_key": "public", "host": "::", "max_num_seqs": 4}
-    extra = {"operator-key": INTERNAL_KEY, "allow-client-priority": True}
-    assert replica_config(options, 1234, "internal", extra) == {
+    assert replica_config(options, 1234, "internal") == {
         "max-num-seqs": 4,
         "host": "127.0.0.1",
         "port": 1234,
-        "api-key": "internal",
         "operator-key": "internal",
         "allow-client-priority": True,
     }

@@ -267,8 +267,19 @@ def test_the_public_key_opens_the_gateway_and_no_replica(real_fleet):
         assert config.parent.stat().st_mode & 0o077 == 0
         assert PUBLIC_KEY not in config.read_text()
         assert PUBLIC_KEY.encode() not in Path(f"/proc/{replica['pid']}/cmdline").read_bytes()
-        internal = {"Authorization": f"Bearer {yaml.safe_load(config.read_text())['api-key']}"}
+        internal = {"Authorization": f"Bearer {yaml.safe_load(config.read_text())['operator-key']}"}
         assert httpx.get(f"{replica['url']}/v1/models", headers=internal).status_code == 200
+        # the gateway scrapes load and follows the prefix cache with the same key
+        assert httpx.get(f"{replica['url']}/metrics", headers=internal).status_code == 200
+        assert httpx.get(f"{replica['url']}/metrics", headers=AUTH).status_code == 401
+    body = {"model": "llama", "prompt": "a prompt long enough to fill a few KV blocks " * 4}
+    assert httpx.post(f"{url}/v1/completions", json=body, headers=AUTH).status_code == 200
+
+    def mirrored() -> bool:
+        replicas = httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json()
+        return any(r["cached_blocks"] > 0 for r in replicas)
+
+    wait_until(mirrored, 20, 0.05, "the gateway mirrors a replica's prefix cache")
 
 
 async def _chat_events(url: str, body: dict, progress: list[int]) -> list[dict]:
@@ -364,7 +375,7 @@ def test_disconnected_clients_leave_nothing_running_on_real_replicas(real_fleet)
 
     asyncio.run(run())
     replicas = httpx.get(f"{url}/admin/replicas", headers=OPERATOR).json()
-    keys = {r["url"]: yaml.safe_load(_replica_config(r["pid"]).read_text())["api-key"]
+    keys = {r["url"]: yaml.safe_load(_replica_config(r["pid"]).read_text())["operator-key"]
             for r in replicas}  # fmt: skip
 
     def busy() -> float:

@@ -26,6 +26,8 @@ MAX_BODY = 64 * 1024
 MAX_MODEL_LEN = 512
 VOCAB = 512
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+OPERATOR_KEY = "op-test-9876543210"
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}
 
 METRIC_NAMES = [
     "fleetserve:num_requests_running",
@@ -53,6 +55,8 @@ def server(tiny_llama, tmp_path_factory):
     replica = ReplicaProcess(
         tiny_llama,
         "--api-key", API_KEY,
+        "--operator-key", OPERATOR_KEY,
+        "--allow-client-priority",
         "--dtype", "float32",
         "--max-body-bytes", str(MAX_BODY),
         "--max-num-seqs", "32",
@@ -92,7 +96,8 @@ def random_prompt(seed: int, length: int) -> list[int]:
 def scrape(url: str) -> dict[str, float]:
     """Sample name -> value (summed over labels) from /metrics."""
     values: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+    metrics = httpx.get(url + "/metrics", headers=OPERATOR).text
+    for family in text_string_to_metric_families(metrics):
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
@@ -334,6 +339,19 @@ def test_sdk_raises_typed_errors(client):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
 
 
+def test_client_priority_with_the_flag_is_bounded(server):
+    # This replica runs with --allow-client-priority (as behind a gateway).
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+    for priority in (-(2**31), -3, 7, 2**31 - 1):
+        r = httpx.post(server.url + "/v1/completions", json={**body, "priority": priority},
+                       headers=AUTH)  # fmt: skip
+        assert r.status_code == 200, r.text
+    for priority in (-(2**31) - 1, 2**31, 10**30):
+        r = httpx.post(server.url + "/v1/completions", json={**body, "priority": priority},
+                       headers=AUTH)  # fmt: skip
+        assert_error(r, 400, "priority")
+
+
 def test_401_without_or_with_wrong_key(server):
     body = {"model": MODEL, "prompt": "hi"}
     url = server.url + "/v1/completions"
@@ -434,7 +452,10 @@ def test_kv_events_stream(server, client):
     prompt = random_prompt(11, 40)  # two full blocks of 16
     want = hash_block_chain(prompt, 16)
     with httpx.stream(
-        "GET", server.url + "/v1/kv_events", headers=AUTH, timeout=httpx.Timeout(20.0)
+        "GET",
+        server.url + "/v1/kv_events?token_ids=true",
+        headers=OPERATOR,
+        timeout=httpx.Timeout(20.0),
     ) as r:
         assert r.status_code == 200
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
@@ -460,7 +481,7 @@ def test_metrics_are_exported(server, client):
     client.completions.create(
         model=MODEL, prompt="hello", max_tokens=4, extra_body={"ignore_eos": True}
     )
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers=OPERATOR).text
     for name in METRIC_NAMES:
         assert name in text, name
     m = scrape(server.url)
@@ -479,7 +500,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
         "--phases", "examples,fuzzing", "--checks", "not_a_server_error",
         "--max-examples", "25", "--seed", "0", "--workers", "1",
         "--request-timeout", "60", "--exclude-path", "/v1/kv_events",
-        "-H", f"Authorization: Bearer {API_KEY}",
+        "-H", f"Authorization: Bearer {OPERATOR_KEY}",
     ]  # fmt: skip
     result = subprocess.run(
         cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=240

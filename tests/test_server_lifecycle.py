@@ -192,6 +192,52 @@ def test_config_file_and_precedence(tmp_path, monkeypatch):
     assert cli.build_settings(given).engine.max_num_batched_tokens == 4096
 
 
+def test_door_options_from_flags_config_and_env(tmp_path, monkeypatch):
+    from fleetserve.http_limits import HttpLimits
+
+    monkeypatch.delenv(cli.API_KEY_ENV, raising=False)
+    monkeypatch.delenv(cli.OPERATOR_KEY_ENV, raising=False)
+    defaults = cli.build_settings(cli.resolve_options(parse("/m")))
+    assert defaults.allow_client_priority is False
+    assert defaults.operator_key is None
+    assert defaults.http == HttpLimits()
+    assert (defaults.max_prompts_per_request, defaults.max_choices_per_request) == (256, 256)
+    config = tmp_path / "replica.yaml"
+    config.write_text(
+        "allow-client-priority: true\noperator-key: op-from-file\nmax-prompts-per-request: 8\n"
+        "max-choices-per-request: 16\nheader-timeout: 2.5\nmax-header-bytes: 4096\n"
+    )
+    settings = cli.build_settings(cli.resolve_options(parse("/m", "--config", str(config))))
+    assert settings.allow_client_priority is True
+    assert settings.operator_key == "op-from-file"
+    assert (settings.max_prompts_per_request, settings.max_choices_per_request) == (8, 16)
+    assert settings.http.header_timeout == 2.5 and settings.http.max_header_bytes == 4096
+    flags = parse(
+        "/m", "--config", str(config), "--no-allow-client-priority", "--body-timeout", "5"
+    )
+    settings = cli.build_settings(cli.resolve_options(flags))
+    assert settings.allow_client_priority is False and settings.http.body_timeout == 5
+    monkeypatch.setenv(cli.OPERATOR_KEY_ENV, "op-from-env")
+    assert cli.build_settings(cli.resolve_options(parse("/m"))).operator_key == "op-from-env"
+    with pytest.raises(ValueError, match="operator_key must differ"):
+        cli.build_settings(cli.resolve_options(parse("/m", "--api-key", "op-from-env")))
+    with pytest.raises(ValueError, match="max_prompts_per_request"):
+        cli.build_settings(cli.resolve_options(parse("/m", "--max-prompts-per-request", "0")))
+    with pytest.raises(ValueError, match="header_timeout"):
+        HttpLimits(header_timeout=0)
+
+
+def test_open_server_beyond_loopback_warns(caplog):
+    settings = cli.build_settings(cli.resolve_options(parse("/m")))
+    keyed = cli.build_settings(cli.resolve_options(parse("/m", "--operator-key", "k")))
+    assert not cli.warn_if_open(settings, "127.0.0.1")
+    assert not cli.warn_if_open(settings, "::1")
+    assert not cli.warn_if_open(keyed, "0.0.0.0")
+    with caplog.at_level("WARNING"):
+        assert cli.warn_if_open(settings, "0.0.0.0")
+    assert "--api-key" in caplog.text
+
+
 def test_config_file_unknown_key_is_named(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("max_model_len: 128\nmax_modle_len: 64\n")

@@ -5,7 +5,7 @@ Each replica is started from a config file written for it, not from a filtered c
 line: the resolved serve options (defaults < --config file < command line) minus the
 fleet's own (`FLEET_OPTIONS`: host, port, the public keys), plus host 127.0.0.1, its port,
 num-threads (unless given: the CPU cores shared between the replicas) and a random internal
-key as its api-key. The files are YAML in a private temporary folder (mode 0700, files
+key as its operator key. The files are YAML in a private temporary folder (mode 0700, files
 0600), removed at stop. The public API key is checked at the gateway only: no replica ever
 sees it, and nothing else on the machine can use a replica without the internal key.
 
@@ -47,6 +47,7 @@ from fleetserve.gateway.options import (
 )
 from fleetserve.gateway.serve import bind, run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
+from fleetserve.http_limits import HttpLimits
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +55,6 @@ API_KEY_ENV = "FLEETSERVE_API_KEY"  # what `fleetserve serve` reads its key from
 # Serve options the fleet consumes: never written into a replica's config. (The fleet's
 # and the gateway's own flags are not serve options, so they never get there either.)
 FLEET_OPTIONS = frozenset({"host", "port", "api_key", "operator_key"})
-INTERNAL_KEY = "<internal key>"  # in EXTRA_REPLICA_OPTIONS: replaced by the fleet's key
-# Replica options that other branches add; before they land, an unknown config key is an
-# error, so they are off. TODO(coordinator): after merging them, switch on
-#     {"operator-key": INTERNAL_KEY, "allow-client-priority": True}
-# operator-key: the gateway reads /metrics and /v1/kv_events with the internal key;
-# allow-client-priority: the priority a replica gets is the one the gateway forwards.
-EXTRA_REPLICA_OPTIONS: dict[str, Any] = {}
 # Past its drain timeout, a replica gets this long to exit before it is killed.
 STOP_MARGIN_S = 5.0
 
@@ -85,21 +79,25 @@ def add_replicated_arguments(parser: argparse.ArgumentParser) -> None:
     add_gateway_arguments(parser, tuning=False)
 
 
-def replica_config(
-    options: dict[str, Any],
-    port: int,
-    internal_key: str,
-    extra: dict[str, Any] = EXTRA_REPLICA_OPTIONS,
-) -> dict[str, Any]:
+def replica_config(options: dict[str, Any], port: int, internal_key: str) -> dict[str, Any]:
     """The config file of the replica on `port`: `options` (resolved serve options, model
-    and num_threads included) without the fleet's own, then the fleet's settings."""
+    and num_threads included) without the fleet's own, then the fleet's settings. The internal
+    key is the replica's operator key, which opens every route: the gateway generates, reads
+    /metrics and follows /v1/kv_events with it. The replica honours the `priority` the
+    gateway sets from the client's API key (the gateway drops any priority a client sends)."""
     config = {
         name.replace("_", "-"): value
         for name, value in options.items()
         if name not in FLEET_OPTIONS and value is not None
     }
-    config.update({"host": "127.0.0.1", "port": port, "api-key": internal_key})
-    config.update({k: internal_key if v == INTERNAL_KEY else v for k, v in extra.items()})
+    config.update(
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "operator-key": internal_key,
+            "allow-client-priority": True,
+        }
+    )
     return config
 
 
@@ -133,7 +131,9 @@ def run_replicated(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         # The public key is a client key, never an admin one (the admin routes need the
         # operator key); a collision of the two is refused here.
-        api_keys = api_keys_from_args(args, public_key=options.get("api_key"))
+        api_keys = api_keys_from_args(
+            args, public_key=options.get("api_key"), operator_key=options.get("operator_key")
+        )
         model = options.get("model") or default_model()
     except (ValueError, TypeError, OSError) as exc:
         return _usage_error(args, str(exc))
@@ -169,7 +169,17 @@ def run_replicated(args: argparse.Namespace) -> int:
     files = TokenizerFiles()
     try:
         failure = run(
-            serve_fleet(gw, backend, num, sock, tokenizer_path, files, drain_s, max_failures)
+            serve_fleet(
+                gw,
+                backend,
+                num,
+                sock,
+                tokenizer_path,
+                files,
+                drain_s,
+                max_failures,
+                limits=HttpLimits.from_options(options),  # the public door: the serve limits
+            )  # fmt: skip
         )
     finally:
         files.cleanup()
@@ -199,6 +209,7 @@ async def serve_fleet(
     drain_s: float,
     max_failures: int = DEFAULT_MAX_FAILURES,
     backoff: Callable[[], RestartBackoff] = RestartBackoff,
+    limits: HttpLimits | None = None,
 ) -> str | None:
     """Run `num` supervised replicas behind `gw` on `sock` until SIGTERM/SIGINT or until
     every replica failed. The gateway finishes the streams in flight for up to `drain_s`
@@ -217,7 +228,9 @@ async def serve_fleet(
     if tokenizer_path:
         tokenizer = asyncio.create_task(_load_tokenizer(gw, tokenizer_path, files))
     try:
-        await serve_app(create_app(gw), sock, graceful_s=drain_s, stop=supervisor.all_failed)
+        await serve_app(
+            create_app(gw), sock, graceful_s=drain_s, stop=supervisor.all_failed, limits=limits
+        )
     finally:
         logger.info("stopping %d replicas", num)
         if tokenizer is not None:

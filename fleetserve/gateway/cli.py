@@ -12,6 +12,7 @@ from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args
 from fleetserve.gateway.replica import ReplicaKind, check_replica_url
 from fleetserve.gateway.serve import bind, run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
+from fleetserve.http_limits import HttpLimits, add_http_limit_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     # The replicas' own API key, if they need one, comes from $FLEETSERVE_UPSTREAM_API_KEY;
     # it goes only to these --replica URLs, never to one added through the admin API.
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long requests in flight may take to finish (default: 30)",
+    )
     add_gateway_arguments(p)
+    add_http_limit_arguments(p)
     p.set_defaults(func=main, _parser=p)
 
 
@@ -74,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         api_keys = api_keys_from_args(args)
+        limits = HttpLimits.from_options(vars(args))
         for url in args.replica:
             check_replica_url(url)
     except (ValueError, TypeError, OSError) as exc:
@@ -93,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
             f"http://{args.host}:{sock.getsockname()[1]} (router {config.router})",
             flush=True,
         )
-        run(serve_app(create_app(gw), sock))
+        run(serve_app(create_app(gw), sock, graceful_s=args.drain_timeout, limits=limits))
     finally:
         files.cleanup()
     return 0

@@ -37,10 +37,11 @@ class GatewayConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     # Work one request may ask for, refused with 400: prompts in one /v1/completions batch,
     # choices per prompt (`n`, the replica's own cap too), and prompts x n (each choice
-    # is a sequence the replica decodes; as many as the largest batch of single choices).
-    max_prompts_per_request: int = 2048
+    # is a sequence the replica decodes). The replica's defaults: refused here, they cost
+    # neither a replica round trip nor a tokenization.
+    max_prompts_per_request: int = 256
     max_n: int = 128
-    max_choices_per_request: int = 2048
+    max_choices_per_request: int = 256
     # Envoy's retry budget: retries in flight at most this percentage of the requests in
     # flight, but `retry_min_concurrency` are always allowed.
     retry_budget_percent: float = 20.0

@@ -33,9 +33,9 @@ TUNING_FLAGS = {
     "max_queue": (int, "requests waiting for a slot before 429"),
     "seed": (int, "seed of randomized policies (power_of_two)"),
     "max_body_bytes": (int, "largest request body accepted (413 beyond; default 4 MiB)"),
-    "max_prompts_per_request": (int, "prompts in one completions request (default 2048)"),
+    "max_prompts_per_request": (int, "prompts in one completions request (default 256)"),
     "max_n": (int, "choices per prompt, `n` (default 128)"),
-    "max_choices_per_request": (int, "prompts x n in one request (default 2048)"),
+    "max_choices_per_request": (int, "prompts x n in one request (default 256)"),
     "retry_budget_percent": (float, "retries in flight, as a %% of requests in flight (20)"),
     "retry_min_concurrency": (int, "retries in flight always allowed (default 3)"),
 }
@@ -51,7 +51,7 @@ _FIELD = {
 
 def add_gateway_arguments(parser: argparse.ArgumentParser, tuning: bool = True) -> None:
     """`tuning=False` adds only --router, --api-keys-file and --gateway-config (for
-    `fleetserve serve`, whose own flags would clash with the tuning ones)."""
+    `fleetserve serve`, whose own flags, --operator-key included, would clash)."""
     group = parser.add_argument_group("gateway")
     group.add_argument(
         "--router",
@@ -71,6 +71,8 @@ def add_gateway_arguments(parser: argparse.ArgumentParser, tuning: bool = True) 
         default=None,
         help="YAML with any GatewayConfig field",
     )
+    if not tuning:
+        return  # `fleetserve serve` has its own --operator-key: the gateway's, with --replicas
     group.add_argument(
         "--operator-key",
         metavar="KEY",
@@ -78,16 +80,15 @@ def add_gateway_arguments(parser: argparse.ArgumentParser, tuning: bool = True) 
         help=f"turns on /admin/* and guards /metrics and /docs; better from ${OPERATOR_KEY_ENV} "
         "(a flag shows in the process list). Must differ from every client key.",
     )
-    if tuning:
-        for dest, (kind, text) in TUNING_FLAGS.items():
-            group.add_argument(
-                "--" + dest.replace("_", "-"),
-                dest=f"gw_{dest}",
-                type=kind,
-                default=None,
-                metavar=_metavar(dest, kind),
-                help=text,
-            )
+    for dest, (kind, text) in TUNING_FLAGS.items():
+        group.add_argument(
+            "--" + dest.replace("_", "-"),
+            dest=f"gw_{dest}",
+            type=kind,
+            default=None,
+            metavar=_metavar(dest, kind),
+            help=text,
+        )
 
 
 def _metavar(dest: str, kind: type) -> str:
@@ -132,13 +133,13 @@ def operator_key_from_args(args: argparse.Namespace) -> str | None:
 
 
 def api_keys_from_args(
-    args: argparse.Namespace, public_key: str | None = None
+    args: argparse.Namespace, public_key: str | None = None, operator_key: str | None = None
 ) -> ApiKeyStore | None:
     """The client keys (--api-keys-file, else the single `public_key`) plus the operator
-    key. None: clients are anonymous and the admin routes are off. Raises ValueError when
-    the operator key is also a client key."""
+    key (`operator_key`, else `operator_key_from_args`). None: clients are anonymous and the
+    admin routes are off. Raises ValueError when the operator key is also a client key."""
     path = getattr(args, "api_keys_file", None)
     store = load_api_keys(path) if path else None
     if store is None and public_key:
         store = single_key_store(public_key)
-    return with_operator_key(store, operator_key_from_args(args))
+    return with_operator_key(store, operator_key or operator_key_from_args(args))

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import uvicorn
 from fastapi import FastAPI
 
+from fleetserve.http_limits import HttpLimits
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -44,16 +46,18 @@ async def serve_app(
     on_stop: Callable[[], None] | None = None,
     graceful_s: float = 10.0,
     stop: asyncio.Event | None = None,
+    limits: HttpLimits | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (then `on_stop()` is called), until `stop` is set, or
-    until cancelled. Requests in flight at that point get `graceful_s` to finish."""
+    until cancelled. Requests in flight at that point get `graceful_s` to finish. `limits`:
+    the door's head/body deadlines and size and connection limits (default: the defaults)."""
     config = uvicorn.Config(
         app,
         log_level="warning",
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(graceful_s),
-        timeout_keep_alive=30,
+        **(limits or HttpLimits()).uvicorn_kwargs(),
     )
     server = _Server(config)
     loop = asyncio.get_running_loop()

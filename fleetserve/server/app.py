@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from fleetserve.server import errors, openai_api, ops_api
 from fleetserve.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from fleetserve.server.state import ServerSettings, ServerState
+from fleetserve.server.state import ServerSettings, ServerState, require_operator_key
 
 
 def build_app(
@@ -35,11 +37,35 @@ def build_app(
         summary="An OpenAI-compatible replica: one model, continuous batching, paged KV cache.",
         version="0.1.0",
         lifespan=lifespan,
+        # The schema and its viewers are operator routes (below), not FastAPI's open ones.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     errors.install(app)
     app.include_router(openai_api.router)
     app.include_router(ops_api.router)
+    _add_docs(app)
     # Outermost last: the request id is set before the body limit can answer 413.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """/openapi.json, /docs and /redoc behind the operator key. A browser sends no bearer
+    token: with a key configured, fetch the schema with curl, or view it without keys."""
+    operator = [Depends(require_operator_key)]
+    title = app.title
+
+    @app.get("/openapi.json", dependencies=operator, include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=operator, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{title} - Swagger UI")
+
+    @app.get("/redoc", dependencies=operator, include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{title} - ReDoc")

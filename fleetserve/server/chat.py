@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from fastapi import Request, Response
 
 from fleetserve.engine.outputs import CompletionOutput, RequestOutput
-from fleetserve.server import inputs
+from fleetserve.server import inputs, limits
 from fleetserve.server.logprobs import chat_logprobs
 from fleetserve.server.protocol import ChatCompletionRequest
 from fleetserve.server.serving import Generation
@@ -21,7 +21,14 @@ async def create_chat_completion(
     state.check_model(req.model)
     state.check_ready()
     engine = state.engine
-    prompt = inputs.chat_prompt(req, engine.tokenizer, engine.vocab_size)
+    # Cheap checks first: a request refused here costs no chat template nor tokenizing.
+    limits.check_priority(req, state.settings)
+    limits.check_request_size(1, req.n, state.settings)
+    state.check_queue(req.n)
+    limits.check_text_chars(
+        limits.chat_chars(req), state.max_token_chars, engine.max_model_len, "messages"
+    )
+    prompt = await state.run_blocking(inputs.chat_prompt, req, engine.tokenizer, engine.vocab_size)
     max_tokens = req.max_completion_tokens or req.max_tokens
     max_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     params = inputs.sampling_params(
@@ -32,7 +39,6 @@ async def create_chat_completion(
         names={"logprobs": "top_logprobs", "max_tokens": max_param},
     )
     inputs.check_length(prompt, max_tokens, engine.max_model_len, "messages", max_param)
-    state.check_queue()
     gen = ChatGeneration(state, raw, req, [prompt], params)
     if req.stream:
         return gen.stream(gen.chunks, "chat.completion.chunk")
@@ -40,7 +46,7 @@ async def create_chat_completion(
         finals = await gen.final_outputs()
     except ClientDisconnected:
         return Response(status_code=499)
-    return gen.response(finals[0])
+    return await state.run_blocking(gen.response, finals[0])  # detokenizes logprobs
 
 
 class ChatGeneration(Generation):

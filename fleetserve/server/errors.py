@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -61,15 +62,26 @@ def invalid(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_value" if param else None)
 
 
+# Where a union field failed, pydantic's location names the member ("str", "list[int]",
+# "function-after[...]"): not something a client sent.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _where(loc) -> str:
+    parts = [
+        str(p)
+        for p in loc
+        if p != "body" and not (isinstance(p, str) and ("[" in p or p in _UNION_MEMBERS))
+    ]
+    return ".".join(parts)
+
+
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in errors[:3]
-    )
+    param = _where(first.get("loc", ())) or None
+    lines = dict.fromkeys(f"{_where(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors)
+    message = "; ".join(list(lines)[:3])
     return JSONResponse(error_body(400, message or "invalid request", param, "invalid_value"), 400)
 
 

@@ -1,4 +1,5 @@
-"""Operations routes: /health, /metrics, and the KV-event stream for the gateway's router."""
+"""Operations routes: /health (open, for probes), and the operator's /metrics and KV-event
+stream (for the gateway's router), which need --operator-key once any key is configured."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from fleetserve.server.errors import APIError, error_response
-from fleetserve.server.state import ServerState, get_state, require_api_key
+from fleetserve.server.state import ServerState, get_state, require_operator_key
 from fleetserve.server.streaming import SSE_HEADERS
 
 State = Annotated[ServerState, Depends(get_state)]
 
 router = APIRouter()
+operator = [Depends(require_operator_key)]
 
 KEEPALIVE_S = 15.0  # an SSE comment this often, so proxies and clients see a live stream
 
@@ -32,18 +34,20 @@ async def health(state: State) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=operator, tags=["operator"])
 async def metrics(state: State) -> Response:
     await state.engine.fresh_stats(timeout_s=0.2)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/kv_events", dependencies=[Depends(require_api_key)], tags=["gateway"])
-async def kv_events(state: State) -> StreamingResponse:
+@router.get("/v1/kv_events", dependencies=operator, tags=["operator"])
+async def kv_events(state: State, token_ids: bool = False) -> StreamingResponse:
     """SSE stream of the engine's prefix-cache changes, for a prefix-aware router. Each event
     is `{"block_size": B, "events": [{"kind": "stored"|"removed"|"cleared", "block_hashes":
-    [...], "parent_hash": int, "token_ids": [[...], ...]}]}`. A new subscriber starts from
-    nothing (no snapshot): treat the replica's cache as empty at connect time."""
+    [...], "parent_hash": int}]}`. With `?token_ids=true` stored blocks also carry their
+    `"token_ids": [[...], ...]`: every client's prompts, so never forward them to a client.
+    A new subscriber starts from nothing (no snapshot): treat the replica's cache as empty at
+    connect time."""
     state.check_ready()
     sub = state.engine.subscribe_kv_events()
     block_size = state.engine.block_size
@@ -59,6 +63,8 @@ async def kv_events(state: State) -> StreamingResponse:
                     continue
                 except StopAsyncIteration:
                     return
+                if not token_ids:
+                    batch = [{k: v for k, v in e.items() if k != "token_ids"} for e in batch]
                 body = {"block_size": block_size, "events": batch}
                 yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
         finally:

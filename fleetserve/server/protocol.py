@@ -4,19 +4,25 @@ Unknown fields are ignored, as OpenAI clients send fields of newer API versions.
 own sampling fields (top_k, min_p, ignore_eos, ...) are accepted as in vLLM, and so is the
 `return_token_ids` extension. Values the engine cannot take are refused here or by
 `SamplingParams` with a 400 naming the field; limits here keep one request from costing the
-whole replica (n, stop strings, seed range).
+whole replica (n, stop strings, seed range). They are the hard ceilings; the server's
+settings bound prompts per request and prompts x n lower (`fleetserve.server.limits`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from fleetserve.engine import sampling_params as limits
 
-MAX_N = 128
+MAX_N = 128  # OpenAI's ceiling
 MAX_STOP = 16
+MAX_STOP_CHARS = 512  # a stop string is held back from the stream while it may be starting
+MAX_PROMPTS = 2048  # prompts in one completions request: OpenAI's ceiling for prompt arrays
+MAX_MESSAGES = 4096
+MAX_SALT_CHARS = 1024
+INT32_MAX = 2**31 - 1
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
@@ -30,6 +36,7 @@ def _utf8(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
+StopText = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
 
 
 class _Model(BaseModel):
@@ -58,17 +65,23 @@ class SamplingFields(_Model):
         None, ge=limits.MIN_REPETITION_PENALTY, le=limits.MAX_REPETITION_PENALTY
     )
     seed: int | None = Field(None, ge=limits.MIN_SEED, le=limits.MAX_SEED)
-    stop: Text | list[Text] | None = Field(None, max_length=MAX_STOP)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
     stop_token_ids: TokenIds | None = Field(None, max_length=MAX_STOP)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)  # beyond, the engine's wire format fails
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    priority: int = Field(0, ge=-(2**31), le=2**31 - 1, description="lower is served first")
-    cache_salt: Text | None = None
+    priority: int = Field(
+        0,
+        ge=-(2**31),
+        le=INT32_MAX,
+        description="lower is served first; non-zero only on a server run with "
+        "--allow-client-priority",
+    )
+    cache_salt: Text | None = Field(None, max_length=MAX_SALT_CHARS)
     return_token_ids: bool = Field(
         False, description="add prompt_token_ids and token_ids to each choice (or chunk)"
     )
@@ -83,11 +96,25 @@ class CompletionRequest(SamplingFields):
             ]
         }
     )
-    prompt: Text | list[Text] | TokenIds | list[TokenIds]
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
+    )
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _few_enough_prompts(cls, value: object) -> object:
+        # Before the union: its members' errors would drown this one.
+        if isinstance(value, list) and value and not isinstance(value[0], int):
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"{len(value)} prompts; at most {MAX_PROMPTS} per request")
+        return value
 
 
 class TextPart(_Model):
@@ -121,7 +148,7 @@ class ChatCompletionRequest(SamplingFields):
             ]
         }
     )
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, description="deprecated: max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

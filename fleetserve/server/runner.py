@@ -77,7 +77,7 @@ def serve(
         log_config=None,  # the root logger's format (set by `fleetserve`) for uvicorn's lines too
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        timeout_keep_alive=30,
+        **settings.http.uvicorn_kwargs(),
     )
     server = ReplicaServer(config)
     server.run(sockets=[sock])

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from fleetserve.engine.async_engine import EngineDeadError, RequestFailedError
 from fleetserve.engine.outputs import CompletionOutput, RequestOutput
@@ -28,10 +29,17 @@ from fleetserve.server.streaming import (
 
 logger = logging.getLogger(__name__)
 
+# An update that carries more tokens than this (to detokenize, or a prompt to echo) is turned
+# into chunks on a worker thread; smaller ones are cheaper than the hop.
+HEAVY_TOKENS = 256
+
 
 class Generation:
     """The engine requests of one API request: one per prompt, each with `n` choices.
-    Choice `index` = prompt number * n + completion index, as in OpenAI's API."""
+    Choice `index` = prompt number * n + completion index, as in OpenAI's API.
+
+    Creating one admits its prompts x n engine requests to the server's queue (429 when they
+    do not fit now); each gives its place back at its first token, or when the request ends."""
 
     def __init__(
         self,
@@ -55,6 +63,11 @@ class Generation:
             req.stream_options and req.stream_options.continuous_usage_stats
         )
         self.return_token_ids = req.return_token_ids
+        self.echo = bool(getattr(req, "echo", False))
+        state.reserve_queue(len(prompts) * params.n)
+        # Per prompt, the choices still waiting for their first token (their queue places).
+        self._waiting = [set(range(params.n)) for _ in prompts]
+        self._updated: set[int] = set()  # prompts that had an update
         suffix = secrets.token_hex(4)  # client ids may repeat; engine ids must not
         engine = state.engine
         self.streams = [
@@ -81,11 +94,13 @@ class Generation:
         except (EngineDeadError, RequestFailedError) as exc:
             raise engine_error(exc) from None
         finally:
+            self.release_queue()
             self.state.leave()
 
     async def _collect(self) -> list[RequestOutput]:
         finals: list[RequestOutput] = [None] * len(self.streams)  # type: ignore[list-item]
         async for i, out in merge(self.streams):
+            self._note_started(i, out)
             finals[i] = out
         self.num_generated = sum(len(c.token_ids) for out in finals for c in out.outputs)
         self.num_cached = [out.num_cached_tokens for out in finals]
@@ -98,18 +113,29 @@ class Generation:
     ) -> StreamingResponse:
         """SSE response: `chunks(prompt_index, output)` turns each engine update into zero or
         more chunk bodies (the `choices` part); this adds ids, usage and the final [DONE]."""
-        return StreamingResponse(
-            self._sse(chunks, object_name), media_type="text/event-stream", headers=SSE_HEADERS
+        return _GenerationResponse(
+            self,
+            self._sse(chunks, object_name),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
         )
 
     async def _sse(self, chunks, object_name: str) -> AsyncIterator[str]:
         self.state.enter()
         try:
             async for i, out in merge(self.streams):
+                first = self._note_started(i, out)
                 self.num_cached[i] = out.num_cached_tokens
+                work = sum(len(c.token_ids_delta) for c in out.outputs)
                 for c in out.outputs:
                     self.num_generated += len(c.token_ids_delta)
-                for choice in chunks(i, out):
+                if first and self.echo:
+                    work += len(self.prompts[i].token_ids)
+                if work > HEAVY_TOKENS:
+                    choices = await self.state.run_blocking(list, chunks(i, out))
+                else:
+                    choices = list(chunks(i, out))
+                for choice in choices:
                     chunk = self._chunk(object_name, [choice])
                     if self.continuous_usage:
                         chunk["usage"] = self.usage()
@@ -122,6 +148,7 @@ class Generation:
             logger.exception("stream %s failed", self.request_id)
             yield sse(error_body(500, "internal server error", None, "internal_error"))
         finally:
+            self.release_queue()
             self.state.leave()
         yield SSE_DONE
 
@@ -136,6 +163,26 @@ class Generation:
 
     # ---- shared ------------------------------------------------------------------------------
 
+    def _note_started(self, i: int, out: RequestOutput) -> bool:
+        """Give back the queue places of prompt `i`'s choices that have now started; True on
+        the prompt's first update."""
+        first = i not in self._updated
+        self._updated.add(i)
+        waiting = self._waiting[i]
+        started = {c.index for c in out.outputs if c.token_ids or c.finish_reason} & waiting
+        if started:
+            waiting -= started
+            self.state.release_queue(len(started))
+        return first
+
+    def release_queue(self) -> None:
+        """Give back every queue place still held (the request ended or never ran)."""
+        held = sum(len(w) for w in self._waiting)
+        for waiting in self._waiting:
+            waiting.clear()
+        if held:
+            self.state.release_queue(held)
+
     def choice_index(self, prompt_index: int, completion: CompletionOutput) -> int:
         return prompt_index * self.n + completion.index
 
@@ -147,6 +194,21 @@ class Generation:
             "total_tokens": prompt_tokens + self.num_generated,
             "prompt_tokens_details": {"cached_tokens": sum(self.num_cached)},
         }
+
+
+class _GenerationResponse(StreamingResponse):
+    """A stream that gives its generation's queue places back however it ends, even if the
+    client left before the body iterator ever started (its `finally` then never runs)."""
+
+    def __init__(self, generation: Generation, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.release_queue()
 
 
 def engine_error(exc: Exception) -> APIError:

@@ -9,14 +9,19 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import Request
 
 from fleetserve.engine.async_engine import AsyncEngine, EngineStartError
 from fleetserve.engine.config import EngineConfig
+from fleetserve.http_limits import HttpLimits
 from fleetserve.server.errors import APIError
+from fleetserve.server.limits import max_token_chars
 from fleetserve.server.metrics import ServerMetrics
+from fleetserve.server.protocol import MAX_PROMPTS
 
 logger = logging.getLogger(__name__)
 
@@ -24,21 +29,52 @@ logger = logging.getLogger(__name__)
 # see why it went away (in-flight requests have their errors by then).
 DEAD_EXIT_DELAY_S = 1.0
 RETRY_AFTER_S = 1  # Retry-After for 429: one step drains the queue little, a second often
+# Threads for tokenizing, chat templates and detokenizing big outputs, off the event loop
+# (HF fast tokenizers release the GIL; more threads than cores would only queue inside).
+BLOCKING_WORKERS = 4
+
+# Characters per token assumed when the vocabulary cannot be read: so many that the cheap
+# length check never refuses a prompt that could fit (the body limit still bounds it).
+UNKNOWN_TOKEN_CHARS = 2**20
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     engine: EngineConfig
     served_model_name: str
-    api_key: str | None = None
-    max_queue_len: int = 1024  # requests waiting for their first token; more get 429
+    api_key: str | None = None  # clients' key for /v1 (the operator key works there too)
+    operator_key: str | None = None  # for /metrics, /docs, /openapi.json, /v1/kv_events
+    # engine requests (prompts x n) waiting for their first token; a request that would make
+    # more gets 429, one that alone is more gets 400
+    max_queue_len: int = 1024
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
     max_body_bytes: int = 4 * 2**20
     health_timeout: float = 20.0  # seconds of engine silence: /health 503, requests fail, exit 1
+    # The body's `priority` reorders the engine's queue and its preemption victims: only a
+    # trusted caller (a gateway that sets it from the API key's class) may send one.
+    allow_client_priority: bool = False
+    # Work one HTTP request may buy: a list prompt is one engine request per prompt, each
+    # with n choices. A quarter of the default queue, so four such requests can wait at once.
+    max_prompts_per_request: int = 256
+    max_choices_per_request: int = 256  # prompts x n
+    http: HttpLimits = field(default_factory=HttpLimits)
 
     def __post_init__(self) -> None:
         if self.max_queue_len < 1:
             raise ValueError(f"max_queue_len must be >= 1, got {self.max_queue_len}")
+        if not 1 <= self.max_prompts_per_request <= MAX_PROMPTS:
+            raise ValueError(
+                f"max_prompts_per_request must be in [1, {MAX_PROMPTS}], "
+                f"got {self.max_prompts_per_request}"
+            )
+        if self.max_choices_per_request < 1:
+            raise ValueError(
+                f"max_choices_per_request must be >= 1, got {self.max_choices_per_request}"
+            )
+        if self.api_key is not None and self.api_key == self.operator_key:
+            raise ValueError("operator_key must differ from api_key: clients would be operators")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if self.max_body_bytes < 1024:
@@ -68,6 +104,11 @@ class ServerState:
         self.phase = Phase.LOADING
         self.created = int(time.time())
         self.in_flight = 0  # generation requests being answered (streams included)
+        # Engine requests (one per prompt and choice) admitted and without a first token yet:
+        # reserved when a request is admitted, so concurrent admissions cannot overshoot.
+        self.num_waiting = 0
+        self.max_token_chars = 1  # the vocabulary's longest token, known once loaded
+        self._blocking = ThreadPoolExecutor(BLOCKING_WORKERS, thread_name_prefix="fleetserve-cpu")
         self._idle = asyncio.Event()
         self._idle.set()
         self._on_ready = on_ready
@@ -89,6 +130,15 @@ class ServerState:
             self.phase = Phase.FAILED
             self._request_exit(1)
             return
+        # The worker threads share one HF tokenizer. Its first encode may write (switch off a
+        # truncation or padding its file enables; a concurrent call then fails "Already
+        # borrowed"); later ones only read. So the first runs here, alone.
+        await self.run_blocking(self.engine.tokenizer.encode, "warm up")
+        try:
+            self.max_token_chars = await self.run_blocking(max_token_chars, self.engine.tokenizer)
+        except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary list
+            logger.exception("cannot measure the vocabulary; long texts are tokenized to check")
+            self.max_token_chars = UNKNOWN_TOKEN_CHARS
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
         logger.info("engine ready in %.1f s", time.monotonic() - start)
@@ -126,6 +176,7 @@ class ServerState:
         for task in self._tasks:
             task.cancel()
         await self.engine.shutdown()
+        self._blocking.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -162,14 +213,40 @@ class ServerState:
         if self.phase in (Phase.LOADING, Phase.FAILED):
             self.check_ready()
 
-    def check_queue(self) -> None:
-        if self.engine.num_waiting >= self.settings.max_queue_len:
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the server's worker threads: CPU work that would otherwise stall
+        every stream and /health (tokenizing, chat templates, detokenizing big outputs)."""
+        return await asyncio.get_running_loop().run_in_executor(self._blocking, fn, *args)
+
+    def check_queue(self, cost: int = 1) -> None:
+        """`cost` engine requests may join the waiting ones: 400 if they never could, 429 if
+        they cannot now."""
+        limit = self.settings.max_queue_len
+        if cost > limit:
+            raise APIError(
+                400,
+                f"this request makes {cost} engine requests (prompts x n), more than the "
+                f"{limit} this server queues (--max-queue-len); split it",
+                param="n",
+                code="request_too_large",
+            )
+        if self.num_waiting + cost > limit:
             raise APIError(
                 429,
-                f"too many requests waiting ({self.settings.max_queue_len}); retry later",
+                f"too many requests waiting ({self.num_waiting} of {limit}); retry later",
                 code="queue_full",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
+
+    def reserve_queue(self, cost: int) -> None:
+        """Admit `cost` engine requests (`check_queue` first); `release_queue` each as it
+        starts or ends."""
+        self.check_queue(cost)
+        self.num_waiting += cost
+
+    def release_queue(self, count: int) -> None:
+        self.num_waiting -= count
+        assert self.num_waiting >= 0, "released more queue places than were reserved"
 
     def check_model(self, name: str | None) -> str:
         served = self.settings.served_model_name
@@ -187,18 +264,54 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def require_api_key(request: Request) -> None:
-    """FastAPI dependency: the bearer token must equal --api-key (constant-time compare)."""
-    key = get_state(request).settings.api_key
-    if not key:
-        return
+def _bearer(request: Request) -> bytes | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    ok = scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode("latin-1"), key.encode()
-    )
-    if not ok:
+    return token.strip().encode("latin-1") if scheme.lower() == "bearer" else None
+
+
+def _matches(token: bytes | None, key: str | None) -> bool:
+    # Constant time, and both sides compared even when the first matches.
+    return token is not None and key is not None and hmac.compare_digest(token, key.encode())
+
+
+def require_api_key(request: Request) -> None:
+    """FastAPI dependency of the client routes (/v1): the bearer token must be --api-key or
+    --operator-key. Open only when neither is set."""
+    settings = get_state(request).settings
+    if not settings.api_key and not settings.operator_key:
+        return
+    token = _bearer(request)
+    if not (_matches(token, settings.api_key) | _matches(token, settings.operator_key)):
         raise APIError(
             401,
             "Missing or incorrect API key: send it as 'Authorization: Bearer KEY'",
             code="invalid_api_key",
         )
+
+
+def require_operator_key(request: Request) -> None:
+    """FastAPI dependency of the operator routes (/metrics, /docs, /openapi.json,
+    /v1/kv_events): once any key is configured they need --operator-key; a client key is
+    403. A server with no key at all is an open development server."""
+    settings = get_state(request).settings
+    if not settings.api_key and not settings.operator_key:
+        return
+    token = _bearer(request)
+    if _matches(token, settings.operator_key):
+        return
+    if _matches(token, settings.api_key):
+        how = (
+            "send the server's --operator-key"
+            if settings.operator_key
+            else "this server has no --operator-key; restart it with one"
+        )
+        raise APIError(
+            403,
+            f"this route needs the operator scope, and a client API key is not enough: {how}",
+            code="operator_scope_required",
+        )
+    raise APIError(
+        401,
+        "Missing or incorrect operator key: send --operator-key as 'Authorization: Bearer KEY'",
+        code="invalid_api_key",
+    )
