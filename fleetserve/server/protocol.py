@@ -102,7 +102,7 @@ class CompletionRequest(SamplingFields):
         | TokenIds
         | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
     )
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=limits.MAX_COUNT)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
@@ -149,7 +149,9 @@ class ChatCompletionRequest(SamplingFields):
         }
     )
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated: max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(
+        None, ge=1, le=limits.MAX_COUNT, description="deprecated: max_completion_tokens"
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, le=limits.MAX_COUNT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
