@@ -180,3 +180,12 @@ def test_a_seeded_draw_depends_on_seed_and_position_only() -> None:
     draws = [seeded_uniform(123, k) for k in range(20_000)]
     assert all(0.0 <= u < 1.0 for u in draws)
     assert abs(sum(draws) / len(draws) - 0.5) < 0.01
+
+
+def test_a_top_p_that_underflows_keeps_the_heaviest_token() -> None:
+    """top_p 1e-300 is 0 in float32: the nucleus is still the one heaviest token (it used to
+    gather index -1 and fail the step)."""
+    weights = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]])
+    top_p = torch.tensor([1e-300, 5e-324])
+    keep_nucleus_(weights, top_p)
+    assert (weights > 0).tolist() == [[False, True, False], [True, False, False]]

@@ -223,7 +223,8 @@ def keep_nucleus_(weights: torch.Tensor, top_p: torch.Tensor, first_k: int = 256
         inside = (values.cumsum(dim=-1) - values) < mass[pending]
         decided = ~inside[:, -1] if k < vocab else torch.ones_like(inside[:, -1])
         rows = pending[decided]
-        last_inside = inside[decided].sum(dim=-1, keepdim=True) - 1
+        # The heaviest token is always in, even when top_p underflows to 0 in float32.
+        last_inside = (inside[decided].sum(dim=-1, keepdim=True) - 1).clamp_(min=0)
         threshold[rows] = values[decided].gather(1, last_inside)
         pending = pending[~decided]
         k = k * 8 if k * 8 <= vocab // 4 else vocab  # past a quarter, one full sort is cheaper
