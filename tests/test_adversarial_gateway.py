@@ -7,6 +7,7 @@ is served alongside or afterwards. Fake replicas run in threads of this process.
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import subprocess
 import sys
@@ -405,8 +406,22 @@ def test_refused_requests_are_not_tokenized_and_tokenizing_leaves_the_event_loop
 # ---- finding 5: priority -----------------------------------------------------------------------
 
 
+def _user_bodies(door: Door) -> list[dict]:
+    return [
+        b
+        for f in door.fakes
+        for b, rid in zip(f.bodies, f.request_ids, strict=True)
+        if not rid.startswith("probe")
+    ]
+
+
 def test_client_priority_is_replaced_by_the_keys(keys_file):
-    door = Door(n=2, api_keys=load_api_keys(keys_file), kinds=[ReplicaKind.FLEETSERVE] * 2)
+    door = Door(
+        n=2,
+        api_keys=load_api_keys(keys_file),
+        kinds=[ReplicaKind.FLEETSERVE] * 2,
+        forward_priority=True,
+    )
     try:
         hostile = {**BODY, "priority": -(2**31)}
         for key in ("client-key", "vip-key"):
@@ -423,6 +438,20 @@ def test_client_priority_is_replaced_by_the_keys(keys_file):
         # high comes first (lower is served first); normal is left to the replica's default
         assert sorted(b.get("priority", 0) for b in user) == [-1, -1, 0, 0]
         assert sum("priority" in b for b in user) == 2
+    finally:
+        door.close()
+
+
+def test_priority_reaches_replicas_only_with_forward_priority(keys_file):
+    """A replica started without --allow-client-priority answers 400 to any priority: by
+    default the gateway orders its own queue by the key's class and sends none upstream."""
+    door = Door(n=1, api_keys=load_api_keys(keys_file))
+    try:
+        for stream in (False, True):
+            resp = door.post({**BODY, "priority": -(2**31), "stream": stream}, bearer("vip-key"))
+            assert resp.status_code == 200, resp.text
+        user = _user_bodies(door)
+        assert len(user) == 2 and all("priority" not in b for b in user)
     finally:
         door.close()
 
@@ -623,3 +652,153 @@ def test_the_gateway_door_closes_slow_heads_and_refuses_huge_ones():
             gateway.kill()
             gateway.wait()
         fake.stop()
+
+
+# ---- found by an outside attack on the merged fixes --------------------------------------------
+
+
+def _stream_events(door: Door, body: dict, headers=None) -> tuple[int, list[dict]]:
+    events = []
+    with httpx.stream(
+        "POST", f"{door.url}/v1/completions", json={**body, "stream": True}, headers=headers
+    ) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            return resp.status_code, [resp.json()]
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    return 200, events
+
+
+def _breakers_closed(door: Door) -> bool:
+    now = door.gw.clock()
+    return all(r.breaker.state(now) is BreakerState.CLOSED for r in door.gw.replicas.values())
+
+
+def test_an_in_stream_generation_error_is_the_requests_own():
+    """A replica's `generation_failed` error event (a sampling failure this body causes) is
+    passed on: not retried before the first byte, not migrated after it, and neutral for the
+    breaker; it used to be retried on every replica and open their breakers."""
+    door = Door(n=2)
+    try:
+        for i in range(2):
+            door.control(i, error_after_tokens=0)
+        for _ in range(4):  # before the first byte: the replica's error, as a 500
+            status, events = _stream_events(door, BODY)
+            assert status == 500 and events[0]["error"]["code"] == "generation_failed"
+        for i in range(2):
+            door.control(i, error_after_tokens=2)
+        for _ in range(4):  # mid-stream: the error event ends the client's stream
+            status, events = _stream_events(door, {**BODY, "max_tokens": 8})
+            assert status == 200 and events[-1]["error"]["code"] == "generation_failed"
+            assert sum(len(e["choices"][0]["text"]) for e in events[:-1]) == 2
+        assert door.served(0) + door.served(1) == 8  # one attempt each
+        assert door.metric("fleetserve:gateway_retries_total") == 0
+        assert door.metric("fleetserve:gateway_migrations_total") == 0
+        assert _breakers_closed(door)
+        for i in range(2):
+            door.control(i, error_after_tokens=None)
+        assert_ok(door)
+    finally:
+        door.close()
+
+
+def test_a_dead_engine_in_the_stream_is_still_the_replicas_failure():
+    door = Door(n=2)
+    try:
+        door.control(0, error_after_tokens=2, error_code="engine_dead")
+        for _ in range(2):
+            status, events = _stream_events(door, {**BODY, "max_tokens": 6})
+            assert status == 200 and "error" not in events[-1], events[-1]
+        assert door.metric("fleetserve:gateway_migrations_total") >= 1
+    finally:
+        door.close()
+
+
+def test_the_clients_own_deadline_does_not_count_against_a_replica():
+    """X-Request-Timeout shorter than the replica's answer: 504 for that client, and the
+    replica's breaker stays closed (a client could open every breaker with tiny deadlines)."""
+    door = Door(n=1, breaker_failure_threshold=2)
+    try:
+        door.control(0, token_delay_s=0.2)
+        for stream in (False, True, False, True):
+            resp = door.post({**BODY, "stream": stream}, {"X-Request-Timeout": "0.1"})
+            assert resp.status_code == 504, resp.text
+        assert _breakers_closed(door)
+        door.control(0, token_delay_s=0.002)
+        assert_ok(door)
+    finally:
+        door.close()
+
+
+def test_a_full_replica_queue_is_a_429_not_a_failure():
+    door = Door(n=2)
+    try:
+        for i in range(2):
+            door.control(i, fail_status=429, fail_count=100)
+        for stream in (False, True):
+            resp = door.post({**BODY, "stream": stream})
+            assert resp.status_code == 429 and resp.headers["Retry-After"], resp.text
+        assert _breakers_closed(door)
+        for i in range(2):
+            door.control(i, fail_count=0)
+        assert_ok(door)
+    finally:
+        door.close()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": "x", "temperature": NaN, "max_tokens": 2}',
+        b'{"prompt": "x", "temperature": Infinity, "max_tokens": 2}',
+        b'{"prompt": "x", "temperature": 1e999, "max_tokens": 2}',
+        b'{"prompt": "\\udc00", "max_tokens": 2}',
+        b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}',
+    ],
+)
+def test_bodies_that_cannot_be_forwarded_are_400(raw):
+    door = Door(n=1)
+    try:
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            resp = httpx.post(
+                f"{door.url}{path}", content=raw, headers={"Content-Type": "application/json"}
+            )
+            assert resp.status_code == 400, resp.text
+            assert "JSON" in resp.json()["error"]["message"]
+        assert door.served(0) == 0
+        ok = b'{"prompt": "\\ud83d\\ude00 a paired surrogate is fine", "max_tokens": 2}'
+        resp = httpx.post(
+            f"{door.url}/v1/completions", content=ok, headers={"Content-Type": "application/json"}
+        )
+        assert resp.status_code == 200, resp.text
+    finally:
+        door.close()
+
+
+@pytest.mark.parametrize("given", ["caf\xe9", "a" * 300, "tab\there", ""])
+def test_an_odd_request_id_is_replaced_not_a_500(given):
+    door = Door(n=1)
+    try:
+        raw = given.encode("latin-1")
+        for stream in (False, True):
+            resp = door.post({**BODY, "stream": stream}, {"X-Request-Id": raw})
+            assert resp.status_code == 200, resp.text
+            echoed = resp.headers["X-Request-Id"]
+            assert echoed != given and echoed.isascii() and len(echoed) <= 256
+        good = door.post(BODY, {"X-Request-Id": "trace-42"})
+        assert good.headers["X-Request-Id"] == "trace-42"
+    finally:
+        door.close()
+
+
+def test_too_many_chat_messages_are_refused_before_any_work():
+    door = Door(n=1)
+    try:
+        body = {"max_tokens": 1, "messages": [{"role": "user", "content": "x"}] * 4097}
+        assert_error(door.post(body, path="/v1/chat/completions"), 400, "4096")
+        assert door.served(0) == 0
+        assert_ok(door)
+    finally:
+        door.close()

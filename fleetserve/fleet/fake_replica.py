@@ -75,6 +75,11 @@ class FakeSettings:
     # failure injection (POST /fake/control)
     die_after_tokens: int | None = None  # streams break (connection reset) after k tokens
     stall_after_tokens: int | None = None  # streams go silent after k tokens
+    # streams end with an in-stream error event of this `code` after k tokens, as the real
+    # server's do when a generation fails ("generation_failed") or its engine dies
+    # ("engine_dead")
+    error_after_tokens: int | None = None
+    error_code: str = "generation_failed"
     # answer this status to the next `fail_count` requests (health probes excepted)
     fail_status: int | None = None
     fail_count: int = 0
@@ -324,6 +329,12 @@ class FakeReplica:
                 first = False
                 yield _event(head)
             async for new, delta, finish in gen:
+                if self.s.error_after_tokens is not None and n >= self.s.error_after_tokens:
+                    message = f"injected {self.s.error_code}"
+                    error = {"message": message, "type": "internal_error", "param": None}
+                    yield _event({"error": {**error, "code": self.s.error_code}})
+                    yield b"data: [DONE]\n\n"
+                    return
                 n += len(new)
                 choice = {"index": 0, "finish_reason": finish}
                 if chat:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -128,7 +129,8 @@ def run_replicated(args: argparse.Namespace) -> int:
     quiet_http_client_logs()
     try:
         options = resolve_options(args)
-        config = config_from_args(args)
+        # its replicas run with allow-client-priority: the key's class reaches their queues
+        config = dataclasses.replace(config_from_args(args), forward_priority=True)
         # The public key is a client key, never an admin one (the admin routes need the
         # operator key); a collision of the two is refused here.
         api_keys = api_keys_from_args(

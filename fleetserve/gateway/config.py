@@ -46,6 +46,10 @@ class GatewayConfig:
     # flight, but `retry_min_concurrency` are always allowed.
     retry_budget_percent: float = 20.0
     retry_min_concurrency: int = 3
+    # Send the key class's priority to the replicas named on the command line (they must run
+    # with --allow-client-priority, or they answer 400); the gateway's own queue orders by
+    # it either way. `fleetserve serve --replicas` turns it on for the replicas it starts.
+    forward_priority: bool = False
 
     def __post_init__(self) -> None:
         from fleetserve.gateway.policies import POLICIES

@@ -55,10 +55,10 @@ class RequestContext:
         and never the client's: a fleetserve replica gets the key's class relative to the
         default one (critical -2, high -1, low 1; lower is served first, as the replica
         orders them), left out for the default class (the replica's own default, 0);
-        other servers get none."""
+        other servers, and replicas that do not take a priority, get none."""
         out = dict(self.body if body is None else body)
         out.pop("priority", None)
         relative = self.key.priority_rank - priority_rank(DEFAULT_PRIORITY)
-        if replica.supports_extensions and relative:
+        if replica.supports_extensions and replica.accepts_priority and relative:
             out["priority"] = relative
         return out

@@ -156,6 +156,7 @@ class Gateway:
         key = api_key or (self._internal_key if trusted else None)
         replica = Replica(replica_id, url, kind, pid, self.config.breaker)
         replica.auth_headers = {"Authorization": f"Bearer {key}"} if key else {}
+        replica.accepts_priority = trusted and self.config.forward_priority
         self.replicas[replica_id] = replica
         if self._started:
             self._start_tasks(replica)

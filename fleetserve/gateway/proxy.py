@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import uuid
 
 from fastapi import Request
@@ -117,9 +118,43 @@ async def read_json(request: Request, limit: int) -> object:
         if len(data) > limit:
             raise too_large
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise HttpError(400, "the body must be a JSON object", "invalid_request_error") from None
+        body = json.loads(data, parse_constant=_not_json, parse_float=_finite_float)
+        if _SURROGATE_ESCAPE.search(data):  # only then can a string fail to encode
+            json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        detail = str(exc) if isinstance(exc, _NotJson | UnicodeEncodeError) else "not JSON"
+        raise HttpError(
+            400, f"the body must be a JSON object ({detail})", "invalid_request_error"
+        ) from None
+    return body
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _not_json(name: str) -> float:
+    raise _NotJson(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"{text[:32]} is out of range for a number")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate, \ud800-\udfff
+MAX_REQUEST_ID_LEN = 256
+
+
+def client_request_id(given: str | None) -> str:
+    """The client's X-Request-Id when it is a short printable ASCII token (it is echoed and
+    sent upstream in headers), else a fresh one."""
+    given = (given or "").strip()
+    if 0 < len(given) <= MAX_REQUEST_ID_LEN and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
 
 
 def parse_deadline(request: Request, gw: Gateway, now: float) -> float | None:
@@ -139,7 +174,7 @@ def parse_deadline(request: Request, gw: Gateway, now: float) -> float | None:
 
 
 async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bool) -> Response:
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = client_request_id(request.headers.get("x-request-id"))
     now = gw.clock()
     try:
         key = authenticate(gw, request)
@@ -276,6 +311,8 @@ def _failure_response(
             media_type="application/json",
             headers={"X-Request-Id": ctx.request_id},
         )
+    if exc.status == 429:  # every replica tried has a full queue: the client may come back
+        return too_many("replicas_busy", 1.0).response(ctx.request_id)
     return HttpError(502, f"every replica tried failed; last: {exc}", "upstream_error").response(
         ctx.request_id
     )
@@ -308,11 +345,16 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
             try:
                 resp = await _unless_disconnected(request, call)
             except UpstreamError as exc:
-                gw.release(replica, Outcome.FAILURE, None, ctx.request_id)
+                # A timeout the client's own deadline caused is not the replica's failure.
+                remaining = ctx.remaining(gw.clock())
+                past_deadline = remaining is not None and remaining <= 0
+                failed = exc.replica_failed and not past_deadline
+                gw.release(
+                    replica, Outcome.FAILURE if failed else Outcome.NEUTRAL, None, ctx.request_id
+                )
                 ctx.exclude.add(replica.id)
                 replica = None
-                remaining = ctx.remaining(gw.clock())
-                if remaining is not None and remaining <= 0:
+                if past_deadline:
                     raise DeadlineExceeded(str(exc)) from exc
                 if retries >= gw.config.max_retries or not gw.allow_retry(ctx):
                     raise

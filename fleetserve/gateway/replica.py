@@ -47,6 +47,9 @@ class Replica:
     # Sent on every call to this replica: its bearer key, if it needs one. Per replica, so
     # that the fleet's internal key goes only to replicas the operator named or started.
     auth_headers: dict[str, str] = field(default_factory=dict, repr=False)
+    # Gets the `priority` of the client's key class: only a replica that honours it (one
+    # the fleet started with --allow-client-priority, or `forward_priority` in the config).
+    accepts_priority: bool = False
 
     def __post_init__(self) -> None:
         self.url = check_replica_url(self.url)

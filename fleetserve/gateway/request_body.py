@@ -104,9 +104,14 @@ def _check_prompt(prompt: Any, field: str) -> int:
     raise InvalidBody(f"{expected} (token ids are integers >= 0); got a list of {kinds}")
 
 
+MAX_MESSAGES = 4096  # the replica's own limit
+
+
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise InvalidBody("'messages' must be a non-empty list of {'role': ..., 'content': ...}")
+    if len(messages) > MAX_MESSAGES:  # before the chat template renders them for routing
+        raise InvalidBody(f"'messages' has {len(messages)} messages; at most {MAX_MESSAGES}")
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):

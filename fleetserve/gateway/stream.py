@@ -19,6 +19,7 @@ the replica.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -66,9 +67,12 @@ class StreamSession:
                 try:
                     return await self._start(replica, self.ctx.endpoint, self._first_body(replica))
                 except UpstreamError as exc:
-                    await self._detach(Outcome.FAILURE if exc.retryable else Outcome.NEUTRAL)
+                    # A timeout the client's own deadline caused is not the replica's failure.
+                    past_deadline = self._past_deadline()
+                    failed = exc.replica_failed and not past_deadline
+                    await self._detach(Outcome.FAILURE if failed else Outcome.NEUTRAL)
                     self.ctx.exclude.add(replica.id)
-                    if self._past_deadline():
+                    if past_deadline:
                         raise DeadlineExceeded(str(exc)) from exc
                     if not exc.retryable or self.retries >= self.gw.config.max_retries:
                         raise
@@ -152,6 +156,9 @@ class StreamSession:
         except UpstreamError as exc:
             if self._past_deadline():
                 return self._fail("the request's deadline passed", "timeout", 504)
+            if not exc.retryable:  # the request's own error: passed on, not migrated
+                await self._detach(Outcome.NEUTRAL)
+                return self._end_with(json.loads(exc.body), str(exc.status))
             try:
                 return await self._migrate(exc)
             except Unrecoverable as why:
@@ -180,9 +187,12 @@ class StreamSession:
     def _fail(self, message: str, err_type: str, code: int) -> list[bytes]:
         """End the stream with an error event (the status is 200 already)."""
         logger.warning("request %s: %s", self.ctx.request_id, message)
-        self.status = str(code)
+        return self._end_with(error_body(message, err_type, code), str(code))
+
+    def _end_with(self, error: dict, status: str) -> list[bytes]:
+        self.status = status
         self.state.done = True
-        return [encode_event(error_body(message, err_type, code)), DONE_EVENT]
+        return [encode_event(error), DONE_EVENT]
 
     # ---- migration ---------------------------------------------------------------------------
 
@@ -223,7 +233,7 @@ class StreamSession:
             try:
                 return await self._start(replica, "/v1/completions", body)
             except UpstreamError as again:
-                await self._detach(Outcome.FAILURE if again.retryable else Outcome.NEUTRAL)
+                await self._detach(Outcome.FAILURE if again.replica_failed else Outcome.NEUTRAL)
                 self.ctx.exclude.add(replica.id)
                 if not again.retryable:
                     raise Unrecoverable(f"the continuation was refused: {again}") from None
@@ -263,5 +273,7 @@ def failure_status(exc: BaseException) -> str:
     if isinstance(exc, DeadlineExceeded):
         return "504"
     if isinstance(exc, UpstreamError):
+        if exc.status == 429:
+            return "429"
         return str(exc.status) if exc.status and not exc.retryable else "502"
     return "499"

@@ -26,7 +26,7 @@ from fleetserve.gateway.continuation import (
     usage_of,
 )
 from fleetserve.gateway.sse import DONE, DONE_EVENT, encode_event
-from fleetserve.gateway.upstream import UpstreamError, error_payload
+from fleetserve.gateway.upstream import UpstreamError, error_payload, stream_error
 
 
 class StreamState:
@@ -74,7 +74,7 @@ class StreamState:
             return self.end_events()
         err = error_payload(data)
         if err is not None:
-            raise UpstreamError(f"the replica sent an error: {err.get('message', err)}")
+            raise stream_error(err)
         try:
             obj = json.loads(data)
         except ValueError:

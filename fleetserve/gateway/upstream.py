@@ -28,6 +28,12 @@ class UpstreamError(Exception):
         self.body = body
         self.reason = "stall" if isinstance(self, UpstreamStall) else "error"
 
+    @property
+    def replica_failed(self) -> bool:
+        """Counts against the replica's circuit breaker: a retryable error, except a full
+        queue (429), which says the replica is busy, not broken."""
+        return self.retryable and self.status != 429
+
 
 class UpstreamStall(UpstreamError):
     """No event within the timeout; the replica may be alive but stuck."""
@@ -127,6 +133,16 @@ async def _read_limited(response: httpx.Response) -> bytes:
         if len(out) >= MAX_ERROR_BODY:
             break
     return bytes(out[:MAX_ERROR_BODY])
+
+
+def stream_error(err: dict) -> UpstreamError:
+    """An error event a replica sent in its stream. A dead engine is the replica's failure
+    (retry, migrate); anything else is the request's own (a sampling failure, a bug that this
+    body trips): passed on to the client as a 500, not retried, neutral for the breaker."""
+    message = f"the replica sent an error: {err.get('message', err)}"
+    if err.get("code") == "engine_dead":
+        return UpstreamError(message)
+    return UpstreamError(message, False, 500, json.dumps({"error": err}).encode())
 
 
 def error_payload(data: str) -> dict | None:
