@@ -366,7 +366,10 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
             outcome = Outcome.SUCCESS if resp.status_code == 200 else Outcome.NEUTRAL
             gw.release(replica, outcome, gw.clock() - started, ctx.request_id)
             replica = None
-            status, used = str(resp.status_code), _usage_tokens(resp)
+            status = str(resp.status_code)
+            # a large answer (many choices, echoed logprobs) is parsed off the event loop
+            big = len(resp.content) > 2**20
+            used = await asyncio.to_thread(_usage_tokens, resp) if big else _usage_tokens(resp)
             return Response(
                 resp.content,
                 resp.status_code,

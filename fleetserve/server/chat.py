@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fastapi import Request, Response
+from fastapi.responses import JSONResponse
 
 from fleetserve.engine.outputs import CompletionOutput, RequestOutput
 from fleetserve.server import inputs, limits
@@ -46,7 +47,9 @@ async def create_chat_completion(
         finals = await gen.final_outputs()
     except ClientDisconnected:
         return Response(status_code=499)
-    return await state.run_blocking(gen.response, finals[0])  # detokenizes logprobs
+    # detokenizing logprobs and encoding the JSON on a worker thread (JSONResponse encodes
+    # when built)
+    return await state.run_blocking(lambda: JSONResponse(gen.response(finals[0])))
 
 
 class ChatGeneration(Generation):

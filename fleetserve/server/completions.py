@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fastapi import Request, Response
+from fastapi.responses import JSONResponse
 
 from fleetserve.engine.outputs import CompletionOutput, RequestOutput
 from fleetserve.server import inputs, limits
@@ -51,7 +52,9 @@ async def create_completion(req: CompletionRequest, raw: Request, state: ServerS
         finals = await gen.final_outputs()
     except ClientDisconnected:
         return Response(status_code=499)
-    return await state.run_blocking(gen.response, finals)  # detokenizes echo and logprobs
+    # Detokenizing echo and logprobs, and encoding the JSON (29 MB for 128 choices of echoed
+    # prompts with logprobs), happen on a worker thread: JSONResponse encodes when built.
+    return await state.run_blocking(lambda: JSONResponse(gen.response(finals)))
 
 
 class CompletionGeneration(Generation):
