@@ -802,3 +802,17 @@ def test_too_many_chat_messages_are_refused_before_any_work():
         assert_ok(door)
     finally:
         door.close()
+
+
+def test_no_redirect_echoes_the_host_and_unknown_routes_answer_openai_errors():
+    door = Door(n=1, api_keys=with_operator_key(None, OPERATOR))
+    try:
+        for path in ("/metrics/", "/admin/replicas/", "/v1/completions/"):
+            resp = httpx.get(f"{door.url}{path}", headers={"Host": "evil.example"})
+            assert resp.status_code == 404 and "location" not in resp.headers, path
+            assert resp.json()["error"]["type"] == "not_found_error"
+        wrong_method = httpx.get(f"{door.url}/v1/completions")
+        assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+        assert_ok(door)
+    finally:
+        door.close()

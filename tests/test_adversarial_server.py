@@ -412,6 +412,25 @@ def test_kv_events_carry_no_token_ids_unless_asked(server):
     assert stored[0]["token_ids"][0] == other[:16]
 
 
+def test_no_redirect_echoes_the_host_header(server):
+    """A trailing slash used to get a 307 whose Location echoed the client's Host header."""
+    for path in ("/metrics/", "/v1/models/", "/health/"):
+        resp = httpx.get(server.url + path, headers={**OPERATOR, "Host": "evil.example"})
+        assert resp.status_code == 404 and "location" not in resp.headers, path
+    assert post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_a_large_unary_answer_is_built_off_the_event_loop(server):
+    """Echo + logprobs for many choices makes a large JSON answer; it is built and encoded on
+    a worker thread. Checked by behaviour, not time: the answer is whole and right."""
+    body = {"prompt": [list(range(3, 40))] * 2, "max_tokens": 1, "n": 4, "echo": True,
+            "logprobs": 5, "temperature": 1}  # fmt: skip
+    resp = post(server, "/v1/completions", body)
+    assert resp.status_code == 200, resp.text
+    choices = resp.json()["choices"]
+    assert len(choices) == 8 and all(len(c["logprobs"]["tokens"]) == 38 for c in choices)
+
+
 # ---- slow and huge connections -------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.proxy import (
@@ -43,8 +44,16 @@ def create_app(gw: Gateway) -> FastAPI:
         docs_url=None,  # served below, behind the operator key
         redoc_url=None,
         openapi_url=None,
+        # No 307 to the slash-less path: its Location would echo the client's Host header.
+        redirect_slashes=False,
     )
     app.state.gateway = gw
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Unknown routes and wrong methods in OpenAI's error shape, as every other answer."""
+        err_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return HttpError(exc.status_code, str(exc.detail), err_type, exc.headers).response()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -41,6 +41,8 @@ def build_app(
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        # No 307 to the slash-less path: its Location would echo the client's Host header.
+        redirect_slashes=False,
     )
     errors.install(app)
     app.include_router(openai_api.router)
