@@ -127,6 +127,20 @@ def test_admission_tokens_per_minute_with_refund():
     assert not too_big.admitted and too_big.reason == "too_large"
 
 
+def test_a_request_that_used_more_than_its_charge_puts_the_key_in_debt():
+    """A chat without max_tokens is charged the default (256) but may run to the context:
+    the overrun is taken at release, and the key waits for the refill to pay it."""
+    key = ApiKey("k", KeyLimits(tokens_per_min=600))  # 10 tokens/s, 600 at most
+    adm = AdmissionController()
+    assert adm.admit(key, 300, 0.0).admitted
+    adm.release(key, charged_tokens=300, used_tokens=1000, now=0.0)  # 700 more than charged
+    d = adm.admit(key, 100, 0.0)
+    assert not d.admitted and d.reason == "tokens_per_min"
+    assert d.retry_after_s == pytest.approx(20)  # 300 - 1000 = -400: 500 tokens to refill
+    assert not adm.admit(key, 100, 19.9).admitted
+    assert adm.admit(key, 100, 20.0).admitted
+
+
 def test_admission_concurrency_and_unlimited_keys():
     key = ApiKey("k", KeyLimits(max_concurrent=1))
     adm = AdmissionController()

@@ -89,11 +89,17 @@ class AdmissionController:
     def release(
         self, key: ApiKey, charged_tokens: int, used_tokens: int | None, now: float
     ) -> None:
-        """The request ended; `used_tokens` None means unknown (nothing is given back)."""
+        """The request ended; `used_tokens` None means unknown (nothing is given back). A
+        request that used more than its charge (a chat without max_tokens runs to the
+        context; an estimated prompt was longer) owes the rest: the key's bucket goes into
+        debt, and its next requests wait until the refill has paid it."""
         state = self._state(key, now)
         state.concurrent = max(state.concurrent - 1, 0)
         if state.tokens is not None and used_tokens is not None:
-            state.tokens.give_back(charged_tokens - used_tokens, now)
+            if used_tokens > charged_tokens:
+                state.tokens.take_debt(used_tokens - charged_tokens, now)
+            else:
+                state.tokens.give_back(charged_tokens - used_tokens, now)
 
     def concurrent(self, key: ApiKey) -> int:
         state = self._keys.get(key.name)

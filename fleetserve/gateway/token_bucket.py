@@ -8,7 +8,8 @@ import math
 class TokenBucket:
     """`rate` tokens per second refill a bucket of `capacity` (it starts full).
 
-    Invariant: 0 <= tokens <= capacity after every call.
+    Invariant: tokens <= capacity after every call; tokens < 0 only after `take_debt` (a
+    request used more than it was charged): the refill pays the debt before anything else.
     """
 
     def __init__(self, rate: float, capacity: float, now: float = 0.0) -> None:
@@ -40,6 +41,11 @@ class TokenBucket:
         if amount > self.capacity:
             return math.inf
         return (amount - self.tokens) / self.rate
+
+    def take_debt(self, amount: float, now: float) -> None:
+        """Take `amount` whether or not the bucket holds it (the work is done already)."""
+        self._refill(now)
+        self.tokens -= max(amount, 0.0)
 
     def give_back(self, amount: float, now: float) -> None:
         """Return unused tokens (never above capacity)."""
