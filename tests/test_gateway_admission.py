@@ -136,9 +136,10 @@ def test_a_request_that_used_more_than_its_charge_puts_the_key_in_debt():
     adm.release(key, charged_tokens=300, used_tokens=1000, now=0.0)  # 700 more than charged
     d = adm.admit(key, 100, 0.0)
     assert not d.admitted and d.reason == "tokens_per_min"
-    assert d.retry_after_s == pytest.approx(20)  # 300 - 1000 = -400: 500 tokens to refill
-    assert not adm.admit(key, 100, 19.9).admitted
-    assert adm.admit(key, 100, 20.0).admitted
+    # 600 - 300 - 700 = -400 in the bucket: 500 tokens to refill before 100 fit
+    assert d.retry_after_s == pytest.approx(50)
+    assert not adm.admit(key, 100, 49.9).admitted
+    assert adm.admit(key, 100, 50.0).admitted
 
 
 def test_admission_concurrency_and_unlimited_keys():
