@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fleetserve.engine.attention import (
+from fleetserve.attention import (
     ForwardContext,
     SeqSpec,
     build_attention_metadata,

@@ -260,7 +260,7 @@ def write_gguf(hf_folder: Path, path: Path) -> Path:
 def new_kv_caches(config, num_blocks: int, block_size: int, dtype=torch.float32, backend=None):
     """Zeroed paged KV cache, one tensor per layer, shaped as the backend (default "torch")
     wants it."""
-    from fleetserve.engine.attention import get_backend
+    from fleetserve.attention import get_backend
 
     backend = backend or get_backend("torch")
     return [
@@ -276,7 +276,7 @@ def prefill_in_chunks(
 ) -> torch.Tensor:
     """Runs one sequence through a fleetserve model chunk by chunk (later chunks read the
     earlier ones from the paged cache, torch backend); returns float32 logits (T, vocab)."""
-    from fleetserve.engine.attention import (
+    from fleetserve.attention import (
         ForwardContext,
         SeqSpec,
         build_attention_metadata,

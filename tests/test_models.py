@@ -12,7 +12,7 @@ import torch
 from checkpoints import TINY_ARCHS, new_kv_caches, prefill_in_chunks, write_gguf
 from transformers import AutoModelForCausalLM
 
-from fleetserve.engine.attention import (
+from fleetserve.attention import (
     ForwardContext,
     SeqSpec,
     build_attention_metadata,

@@ -8,7 +8,7 @@ import torch
 from checkpoints import new_kv_caches, prefill_in_chunks
 from torch import nn
 
-from fleetserve.engine.attention import (
+from fleetserve.attention import (
     ForwardContext,
     SeqSpec,
     build_attention_metadata,

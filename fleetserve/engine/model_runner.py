@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fleetserve.engine.attention import (
+from fleetserve.attention import (
     ForwardContext,
     SeqSpec,
     build_attention_metadata,

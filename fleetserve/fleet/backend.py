@@ -1,6 +1,6 @@
 """Where replicas run. A backend starts, watches and stops replica processes; the
 `Supervisor` decides when. Adding one (Ray actors, Kubernetes pods) is a file and a line in
-`BACKENDS`."""
+`FLEET_BACKENDS`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import abc
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+from fleetserve.registry import Registry
 
 OUTPUT_TAIL_LINES = 40  # lines of a replica's stderr kept to explain why it failed
 
@@ -45,13 +47,10 @@ class FleetBackend(abc.ABC):
         """Ask it to drain and exit; force it after `grace_s`."""
 
 
-def make_backend(name: str, **kwargs: Any) -> FleetBackend:
-    from fleetserve.fleet.local import LocalBackend
-
-    backends: dict[str, type[FleetBackend]] = {"local": LocalBackend}
-    try:
-        return backends[name](**kwargs)
-    except KeyError:
-        raise ValueError(
-            f"unknown fleet backend {name!r}; choose from {sorted(backends)}"
-        ) from None
+# Backends by name, imported on first use.
+FLEET_BACKENDS: Registry[type[FleetBackend]] = Registry(
+    "fleet backend",
+    {
+        "local": "fleetserve.fleet.local:LocalBackend",
+    },
+)

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from fleetserve.models.registry import arch_for_model_type, get_arch_spec
+from fleetserve.models.registry import ARCHITECTURES, arch_for_model_type, get_arch_spec
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
-        get_arch_spec(self.architecture)  # raises ValueError naming the supported ones
+        ARCHITECTURES.check(self.architecture)  # a ValueError naming the supported ones
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"ModelConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple "

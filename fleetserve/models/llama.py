@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fleetserve.models.layers import MergedLinear, RMSNorm
+from fleetserve.models.registry import ArchSpec
 from fleetserve.models.rotary import RotaryEmbedding, apply_rope
 
 if TYPE_CHECKING:
-    from fleetserve.engine.attention.base import ForwardContext
+    from fleetserve.attention.base import ForwardContext
     from fleetserve.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -209,3 +210,16 @@ def _fused_target(name: str) -> tuple[str, int | None]:
         fused, shard = STACKED_PARAMS[parts[-2]]
         return ".".join([*parts[:-2], fused, parts[-1]]), shard
     return name, None
+
+
+# The family's members, by how their configs differ (see `models/registry.py`).
+LLAMA = ArchSpec(LlamaForCausalLM, model_type="llama", gguf_arch="llama")
+MISTRAL = ArchSpec(LlamaForCausalLM, model_type="mistral")  # llama.cpp writes "llama" GGUFs
+QWEN2 = ArchSpec(
+    LlamaForCausalLM,
+    qkv_bias=True,
+    o_proj_bias_follows_qkv=False,
+    model_type="qwen2",
+    gguf_arch="qwen2",
+)
+QWEN3 = ArchSpec(LlamaForCausalLM, qk_norm=True, model_type="qwen3", gguf_arch="qwen3")

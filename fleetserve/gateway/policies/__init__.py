@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from fleetserve.gateway.policies.base import RoutingPolicy
-from fleetserve.gateway.policies.least_outstanding import LeastOutstanding
-from fleetserve.gateway.policies.power_of_two import PowerOfTwo
-from fleetserve.gateway.policies.prefix_aware import PrefixAware
-from fleetserve.gateway.policies.round_robin import RoundRobin
+from fleetserve.registry import Registry
 
-POLICIES: dict[str, Callable[..., RoutingPolicy]] = {
-    "round_robin": lambda seed=0: RoundRobin(),
-    "least_outstanding": lambda seed=0: LeastOutstanding(),
-    "power_of_two": lambda seed=0: PowerOfTwo(seed),
-    "prefix_aware": lambda seed=0: PrefixAware(),
-}
+POLICIES: Registry[type[RoutingPolicy]] = Registry(
+    "router",
+    {
+        "round_robin": "fleetserve.gateway.policies.round_robin:RoundRobin",
+        "least_outstanding": "fleetserve.gateway.policies.least_outstanding:LeastOutstanding",
+        "power_of_two": "fleetserve.gateway.policies.power_of_two:PowerOfTwo",
+        "prefix_aware": "fleetserve.gateway.policies.prefix_aware:PrefixAware",
+    },
+)
 
 
 def make_policy(name: str, seed: int = 0) -> RoutingPolicy:
-    try:
-        factory = POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown router {name!r}; choose one of {sorted(POLICIES)}") from None
-    return factory(seed=seed)
+    """A new policy; a `ValueError` naming the choices if `name` is unknown."""
+    return POLICIES.get(name).from_options(seed)
 
 
 __all__ = ["POLICIES", "RoutingPolicy", "make_policy"]

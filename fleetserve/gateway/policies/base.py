@@ -18,6 +18,11 @@ from fleetserve.gateway.route_request import RouteRequest
 class RoutingPolicy(abc.ABC):
     name: ClassVar[str]
 
+    @classmethod
+    def from_options(cls, seed: int) -> RoutingPolicy:
+        """The policy as the gateway builds it; `seed` matters to randomized ones only."""
+        return cls()
+
     @abc.abstractmethod
     def choose(
         self, request: RouteRequest, replicas: Sequence[ReplicaView], now: float

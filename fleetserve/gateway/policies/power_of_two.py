@@ -17,6 +17,10 @@ class PowerOfTwo(RoutingPolicy):
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
 
+    @classmethod
+    def from_options(cls, seed: int) -> PowerOfTwo:
+        return cls(seed)
+
     def choose(
         self, request: RouteRequest, replicas: Sequence[ReplicaView], now: float
     ) -> ReplicaView:

@@ -123,17 +123,3 @@ class AttentionBackend(ABC):
         scale: float,
     ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
         ...
-
-
-_BACKENDS: dict[str, type[AttentionBackend]] = {}
-
-
-def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
-    _BACKENDS[cls.name] = cls
-    return cls
-
-
-def get_backend(name: str) -> AttentionBackend:
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
-    return _BACKENDS[name]()

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fleetserve.engine.attention.base import AttentionBackend, AttentionMetadata, register_backend
+from fleetserve.attention.base import AttentionBackend, AttentionMetadata
 
 
-@register_backend
 class TorchAttention(AttentionBackend):
     name = "torch"
 
