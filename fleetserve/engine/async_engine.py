@@ -96,6 +96,9 @@ class _Stream:
 
 
 class AsyncEngine:
+    """An LLM behind an engine core process: text in, `RequestOutput`s out, as the server's
+    routes want them. Owns the tokenizer and the `OutputProcessor`; `core` owns the process."""
+
     def __init__(
         self,
         config: EngineConfig,
