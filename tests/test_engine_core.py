@@ -1,9 +1,17 @@
 """`EngineCore.step` on a runner that is not a model: scheduler, KV manager, stop handling and
-outputs (with queue times on a fake clock) on plain data, without torch or a checkpoint."""
+outputs (with queue times on a fake clock) on plain data, without torch or a checkpoint; and
+the core process's loop speaking the typed contract over ZMQ, in a thread."""
 
 from __future__ import annotations
 
+import threading
+
+import zmq
+
+from fleetserve.engine import messages
 from fleetserve.engine.core import EngineCore
+from fleetserve.engine.core_proc import CoreLoop
+from fleetserve.engine.messages import AbortRequests, Outputs, Shutdown
 from fleetserve.engine.outputs import EngineCoreOutput
 from fleetserve.engine.request import EngineCoreRequest
 from fleetserve.engine.runner import RunnerOutput
@@ -154,3 +162,38 @@ def test_a_runner_that_raises_ends_only_the_request_that_makes_it_raise():
     (last,) = core.step()
     assert last.request_id == "fine" and last.finish_reason == "length"
     assert core.stats()["num_free_blocks"] == 8
+
+
+def test_the_core_loop_speaks_the_contract_and_survives_garbage():
+    ctx = zmq.Context()
+    to_core, inbox = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    inbox.bind("inproc://to-core")
+    to_core.connect("inproc://to-core")
+    outbox, from_core = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    from_core.bind("inproc://from-core")
+    outbox.connect("inproc://from-core")
+    loop = CoreLoop(make_core(FixedRunner(), FakeClock(5.0)), inbox, outbox)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    try:
+        to_core.send(b"\xc1 not msgpack")
+        to_core.send(messages.encode(Outputs([], [])))  # a core message, the wrong way
+        to_core.send(messages.encode(AbortRequests(["never-added"])))
+        request = EngineCoreRequest("r", [1, 2, 3], SamplingParams(max_tokens=2))
+        to_core.send(messages.encode(request))
+        thread.start()
+        ticks: list[Outputs] = []
+        while not any(o.finished for t in ticks for o in t.outputs):
+            assert from_core.poll(10_000), "no tick from the core loop"
+            ticks.append(messages.decode(from_core.recv()))
+        to_core.send(messages.encode(Shutdown()))
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        for sock in (to_core, inbox, outbox, from_core):
+            sock.close(linger=0)
+        ctx.term()
+    assert all(isinstance(t, Outputs) for t in ticks)
+    outs = [o for t in ticks for o in t.outputs]
+    assert [(o.request_id, o.new_token_ids) for o in outs] == [("r", [TOKEN]), ("r", [TOKEN])]
+    assert outs[-1].finish_reason == "length" and outs[0].queue_time == 0.0
+    assert any(t.stats is not None for t in ticks) and not loop.live
