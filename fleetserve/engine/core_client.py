@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from fleetserve.engine import core_proc, ipc_dir, messages
 from fleetserve.engine.config import EngineConfig
+from fleetserve.engine.core import build_engine_core
 from fleetserve.engine.messages import Failed, Outputs, Ready, Shutdown, StatsRequest
 from fleetserve.engine.outputs import EngineCoreOutput
 
@@ -82,7 +83,8 @@ class KVEventSubscription:
 class CoreClient:
     """`on_outputs(outputs)` gets each tick's core outputs (never an empty list);
     `on_dead(error)` runs once when the core is found dead, with the `EngineDeadError` to
-    fail requests with."""
+    fail requests with. The core process runs `build_core(config)` (see
+    `core_proc.run_engine_core`)."""
 
     def __init__(
         self,
@@ -91,8 +93,10 @@ class CoreClient:
         on_dead: Callable[[EngineDeadError], None],
         health_timeout_s: float = HEALTH_TIMEOUT_S,
         log_level: int | None = None,
+        build_core: Callable[[EngineConfig], core_proc.Core] = build_engine_core,
     ) -> None:
         self.config = config
+        self.build_core = build_core
         self.on_outputs = on_outputs
         self.on_dead = on_dead
         self.health_timeout_s = health_timeout_s
@@ -126,7 +130,14 @@ class CoreClient:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds threads
         self._proc = ctx.Process(
             target=core_proc.run_engine_core,
-            args=(self.config, input_addr, output_addr, self.log_level, self._tmpdir),
+            args=(
+                self.config,
+                input_addr,
+                output_addr,
+                self.log_level,
+                self._tmpdir,
+                self.build_core,
+            ),
             name="fleetserve-engine-core",
             daemon=True,
         )

@@ -17,12 +17,14 @@ import shutil
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from typing import Protocol
 
 import zmq
 
 from fleetserve.engine import messages
 from fleetserve.engine.config import EngineConfig
+from fleetserve.engine.core import build_engine_core
 from fleetserve.engine.kv_cache_manager import KVEvent
 from fleetserve.engine.messages import (
     AbortRequests,
@@ -68,9 +70,13 @@ def run_engine_core(
     output_addr: str,
     log_level: int = logging.INFO,
     socket_dir: str | None = None,
+    build_core: Callable[[EngineConfig], Core] = build_engine_core,
 ) -> None:
     """Entry point of the core process (started with the spawn method). `socket_dir` holds
-    the ipc sockets: removed here if the API server dies first (it cannot remove it then)."""
+    the ipc sockets: removed here if the API server dies first (it cannot remove it then).
+    `build_core(config)` makes the core (a module-level function: spawn pickles it by name);
+    besides the `Core` methods it has `max_model_len`, `block_size`, `vocab_size` and
+    `eos_token_ids` for the `Ready` message."""
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s"
     )
@@ -87,9 +93,7 @@ def run_engine_core(
     outbox.connect(output_addr)
     try:
         try:
-            from fleetserve.engine.core import build_engine_core
-
-            core = build_engine_core(config)
+            core = build_core(config)
         except Exception as exc:  # a user error (bad path, bad config) or a bug: report it
             logger.exception("engine core failed to start")
             outbox.send(messages.encode(Failed(f"{type(exc).__name__}: {exc}")))
