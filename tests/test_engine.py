@@ -65,7 +65,7 @@ def test_each_architecture_matches_transformers(tiny_checkpoints, hf_models):
     for arch, path in tiny_checkpoints.items():
         llm = LLM(path, dtype="float32")
         hf = hf_models(path)
-        vocab = llm.engine.model_config.vocab_size
+        vocab = llm.engine.vocab_size
         for prompt in random_prompts(3, vocab, seed=1):
             expected, _ = hf_greedy(hf, prompt, MAX_TOKENS)
             got = llm.generate([prompt], greedy(), use_tqdm=False)[0].outputs[0].token_ids
@@ -74,7 +74,7 @@ def test_each_architecture_matches_transformers(tiny_checkpoints, hf_models):
 
 def test_batch_of_32_mixed_lengths_matches_single_requests(llm, tiny_llama, hf_models):
     hf = hf_models(tiny_llama)
-    vocab = llm.engine.model_config.vocab_size
+    vocab = llm.engine.vocab_size
     prompts = random_prompts(32, vocab, seed=2, lo=2, hi=90)
     outs = llm.generate(prompts, greedy(), use_tqdm=False)
     assert [o.prompt_token_ids for o in outs] == prompts
@@ -87,7 +87,7 @@ def test_batch_of_32_mixed_lengths_matches_single_requests(llm, tiny_llama, hf_m
 
 def test_logprobs_match_transformers(llm, tiny_llama, hf_models):
     hf = hf_models(tiny_llama)
-    prompt = random_prompts(1, llm.engine.model_config.vocab_size, seed=3)[0]
+    prompt = random_prompts(1, llm.engine.vocab_size, seed=3)[0]
     out = llm.generate([prompt], greedy(max_tokens=5, logprobs=3), use_tqdm=False)[0]
     expected, ref = hf_greedy(hf, prompt, 5)
     completion = out.outputs[0]
@@ -103,7 +103,7 @@ def test_logprobs_match_transformers(llm, tiny_llama, hf_models):
 
 def test_prompt_logprobs_match_transformers(llm, tiny_llama, hf_models):
     hf = hf_models(tiny_llama)
-    prompt = random_prompts(1, llm.engine.model_config.vocab_size, seed=4, lo=20, hi=20)[0]
+    prompt = random_prompts(1, llm.engine.vocab_size, seed=4, lo=20, hi=20)[0]
     out = llm.generate([prompt], greedy(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
@@ -136,7 +136,7 @@ def test_greedy_output_unchanged_by_chunking_and_preemption(tiny_llama, hf_model
         kwargs["kv_cache_memory"] = per_block * num_blocks
     llm = LLM(tiny_llama, dtype="float32", **kwargs)
     hf = hf_models(tiny_llama)
-    prompts = random_prompts(12, llm.engine.model_config.vocab_size, seed=5, lo=20, hi=40)
+    prompts = random_prompts(12, llm.engine.vocab_size, seed=5, lo=20, hi=40)
     outs = llm.generate(prompts, greedy(max_tokens=16, prompt_logprobs=1), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         expected, _ = hf_greedy(hf, prompt, 16)
@@ -152,7 +152,7 @@ def test_greedy_output_unchanged_by_chunking_and_preemption(tiny_llama, hf_model
 
 def test_prefix_cache_hits_leave_output_unchanged(llm, tiny_llama, hf_models):
     hf = hf_models(tiny_llama)
-    vocab = llm.engine.model_config.vocab_size
+    vocab = llm.engine.vocab_size
     system = random_prompts(1, vocab, seed=6, lo=48, hi=48)[0]
     prompts = [system + tail for tail in random_prompts(4, vocab, seed=7, lo=3, hi=9)]
     hits_before = llm.engine.kv_cache.stats.hits
@@ -167,7 +167,7 @@ def test_prefix_cache_hits_leave_output_unchanged(llm, tiny_llama, hf_models):
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
-    vocab = llm.engine.model_config.vocab_size
+    vocab = llm.engine.vocab_size
     prompt = random_prompts(1, vocab, seed=8)[0]
     params = SamplingParams(
         temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=10, ignore_eos=True
@@ -184,7 +184,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
 
 
 def test_n_completions_share_prompt_and_differ(llm):
-    prompt = random_prompts(1, llm.engine.model_config.vocab_size, seed=10, lo=40, hi=40)[0]
+    prompt = random_prompts(1, llm.engine.vocab_size, seed=10, lo=40, hi=40)[0]
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
@@ -196,7 +196,7 @@ def test_n_completions_share_prompt_and_differ(llm):
 
 
 def test_stop_strings_cut_text_even_across_tokens(llm):
-    prompt = random_prompts(1, llm.engine.model_config.vocab_size, seed=11)[0]
+    prompt = random_prompts(1, llm.engine.vocab_size, seed=11)[0]
     full = llm.generate([prompt], greedy(max_tokens=20), use_tqdm=False)[0].outputs[0]
     text = full.text
     assert len(text) > 6
@@ -210,7 +210,7 @@ def test_stop_strings_cut_text_even_across_tokens(llm):
 
 
 def test_stop_token_ids_and_min_tokens(llm):
-    prompt = random_prompts(1, llm.engine.model_config.vocab_size, seed=12)[0]
+    prompt = random_prompts(1, llm.engine.vocab_size, seed=12)[0]
     tokens = llm.generate([prompt], greedy(max_tokens=10), use_tqdm=False)[0].outputs[0].token_ids
     stop_at = tokens[4]
     first = tokens.index(stop_at)
@@ -268,7 +268,7 @@ def test_smollm2_gguf_matches_transformers_gguf_loading(smollm2_gguf):
 
 
 def test_out_of_vocab_ids_are_errors_not_crashes(llm):
-    vocab = llm.engine.model_config.vocab_size
+    vocab = llm.engine.vocab_size
     bad_prompt = llm.generate([[1, 2, vocab]], greedy(), use_tqdm=False)[0]
     assert bad_prompt.outputs[0].finish_reason == "error" and "prompt token ids" in bad_prompt.error
     params = greedy(min_tokens=2, stop_token_ids=[vocab + 5])
@@ -307,7 +307,7 @@ def poison_runner(monkeypatch, llm: LLM, after_tokens: int) -> list[int]:
 
 
 def test_a_request_that_fails_its_step_ends_alone_and_the_rest_are_token_exact(llm, monkeypatch):
-    prompts = random_prompts(7, llm.engine.model_config.vocab_size, seed=20)
+    prompts = random_prompts(7, llm.engine.vocab_size, seed=20)
     seeded = SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)
     params = [greedy(30)] * 6 + [seeded]
     alone = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -326,7 +326,7 @@ def test_blocks_a_failed_step_did_not_write_are_never_reused(llm, monkeypatch):
     """The poison shares two full blocks of prompt with the victim. Admitted in the same
     step, the victim takes the poison's blocks as prefix hits before they are computed; the
     victim must then be recomputed. Failing alone, the poison must leave no cached block."""
-    base = random_prompts(1, llm.engine.model_config.vocab_size, seed=21, lo=40)[0][:32]
+    base = random_prompts(1, llm.engine.vocab_size, seed=21, lo=40)[0][:32]
     victim, poison = base + [7, 8, 9], base + [10, 11]
     expected = llm.generate([victim], greedy(16), use_tqdm=False)[0].outputs[0].token_ids
     for together in (True, False):
@@ -349,7 +349,7 @@ def test_blocks_a_failed_step_did_not_write_are_never_reused(llm, monkeypatch):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_logits_of_one_request_leave_the_others_exact(llm, monkeypatch, value):
-    prompts = random_prompts(3, llm.engine.model_config.vocab_size, seed=22)
+    prompts = random_prompts(3, llm.engine.vocab_size, seed=22)
     alone = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(), use_tqdm=False)]
     sampler = llm.engine.runner.sampler
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import pytest
 
 from fleetserve.engine.async_engine import AsyncEngine, RequestFailedError
 from fleetserve.engine.block_hash import hash_block_chain
 from fleetserve.engine.config import EngineConfig
+from fleetserve.engine.messages import AbortRequests, Failed
 from fleetserve.engine.sampling_params import SamplingParams
 
 
@@ -47,13 +49,22 @@ def test_async_engine(tiny_llama):
     asyncio.run(run())
 
 
+def ext(name: str, fields: dict) -> msgpack.ExtType:
+    """A dataclass as `messages` puts it on the wire, built by hand (so it can be wrong)."""
+    return msgpack.ExtType(1, msgpack.packb([name, fields]))
+
+
 async def bad_input_is_survived(engine: AsyncEngine) -> None:
-    engine._inbox.send(b"\xc1 not msgpack")
-    engine._send("frobnicate", None)
-    engine._send("add", {"request_id": "no-fields"})
-    bad = {"request_id": "bad", "prompt_token_ids": [5], "sampling_params": {"top_p": 7}}
-    engine._send("add", bad)
-    engine._send("abort", ["never-added"])
+    send = engine.core.send_encoded
+    send(b"\xc1 not msgpack")
+    send(msgpack.packb(["frobnicate", None]))  # a loose list is not a message
+    send(msgpack.packb(ext("Frobnicate", {})))  # nor is a class outside the contract
+    send(msgpack.packb(ext("EngineCoreRequest", {"request_id": "no-fields"})))
+    bad_params = ext("SamplingParams", {"top_p": 7})
+    bad = {"request_id": "bad", "prompt_token_ids": [5], "sampling_params": bad_params}
+    send(msgpack.packb(ext("EngineCoreRequest", bad)))
+    engine.core.send(Failed("a core message sent the wrong way"))
+    engine.core.send(AbortRequests(["never-added"]))
     outs = [o async for o in engine.generate([5, 6, 7], greedy(5), "good")]
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 5
     assert sum(len(o.outputs[0].token_ids_delta) for o in outs) == 5

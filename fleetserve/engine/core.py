@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 
-import torch
-
-from fleetserve.engine import device as devices
 from fleetserve.engine.config import EngineConfig
 from fleetserve.engine.kv_cache_manager import KVCacheManager, KVEvent
-from fleetserve.engine.model_runner import ModelRunner, RunnerOutput, kv_cache_bytes_per_block
 from fleetserve.engine.outputs import EngineCoreOutput
 from fleetserve.engine.request import EngineCoreRequest, Request, RequestStatus
+from fleetserve.engine.runner import Runner, RunnerOutput
 from fleetserve.engine.scheduler import (
     RequestUpdate,
     ScheduledRequest,
@@ -31,71 +30,92 @@ from fleetserve.engine.scheduler import (
 logger = logging.getLogger(__name__)
 
 
-class EngineCore:
-    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
-        from fleetserve.models import load_model  # torch-heavy; keep `import fleetserve` light
+def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore:
+    """Load the model of `config` and size its KV cache: the `EngineCore` of a real model."""
+    # torch-heavy; keep `import fleetserve` light
+    import torch
 
-        self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        elif os.cpu_count():
-            torch.set_num_threads(os.cpu_count())
-        self.device = devices.resolve(config.device)
-        self.model, self.model_config = load_model(
-            config.model,
-            dtype=config.dtype,
-            device=self.device,
-            quantization=config.quantization,
-            progress=progress,
+    from fleetserve.engine import device as devices
+    from fleetserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+    from fleetserve.models import load_model
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    elif os.cpu_count():
+        torch.set_num_threads(os.cpu_count())
+    device = devices.resolve(config.device)
+    model, model_config = load_model(
+        config.model,
+        dtype=config.dtype,
+        device=device,
+        quantization=config.quantization,
+        progress=progress,
+    )
+    dtype = devices.kv_dtype(model)
+    block_size = config.block_size
+    bytes_per_block = kv_cache_bytes_per_block(model_config, block_size, dtype)
+    model_len = config.max_model_len or model_config.max_position_embeddings
+    memory = config.kv_cache_memory or devices.default_kv_cache_memory(device)
+    # Never more blocks than the batch could ever fill: a tiny model on a large budget
+    # would otherwise spend its start-up making millions of bookkeeping objects.
+    enough = -(-config.max_num_seqs * model_len // block_size) + 1
+    num_blocks = min(memory // bytes_per_block, enough)
+    if num_blocks < 2:
+        raise ValueError(
+            f"kv_cache_memory of {memory} bytes holds no KV block of {bytes_per_block} "
+            "bytes; give the cache more memory or use a smaller block_size"
         )
-        self.dtype = devices.kv_dtype(self.model)
-        self.block_size = config.block_size
-        bytes_per_block = kv_cache_bytes_per_block(self.model_config, self.block_size, self.dtype)
-        model_len = config.max_model_len or self.model_config.max_position_embeddings
-        memory = config.kv_cache_memory or devices.default_kv_cache_memory(self.device)
-        # Never more blocks than the batch could ever fill: a tiny model on a large budget
-        # would otherwise spend its start-up making millions of bookkeeping objects.
-        enough = -(-config.max_num_seqs * model_len // self.block_size) + 1
-        num_blocks = min(memory // bytes_per_block, enough)
-        if num_blocks < 2:
-            raise ValueError(
-                f"kv_cache_memory of {memory} bytes holds no KV block of {bytes_per_block} "
-                "bytes; give the cache more memory or use a smaller block_size"
-            )
-        capacity = (num_blocks - 1) * self.block_size
-        if config.max_model_len is None:
-            model_len = min(model_len, capacity)
-        self.max_model_len = model_len
-        self.kv_cache = KVCacheManager(num_blocks, self.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=model_len,
-            ),
-            self.kv_cache,
-        )
-        self.runner = ModelRunner(
-            self.model,
-            self.model_config,
-            num_blocks,
-            self.block_size,
-            self.device,
-            self.dtype,
-            config.attention_backend,
-            config.seed,
-        )
-        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+    capacity = (num_blocks - 1) * block_size
+    if config.max_model_len is None:
+        model_len = min(model_len, capacity)
+    runner = ModelRunner(
+        model,
+        model_config,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        device=device,
+        dtype=dtype,
+        attention_backend=config.attention_backend,
+        seed=config.seed,
+    )
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d, device %s",
+        num_blocks,
+        block_size,
+        num_blocks * bytes_per_block / 2**20,
+        model_len,
+        device,
+    )
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=model_len,
+    )
+    return EngineCore(runner, scheduler_config, config.enable_prefix_caching)
+
+
+class EngineCore:
+    """Schedules and steps a continuous batch on `runner` (a `ModelRunner`, or anything with
+    the `Runner` contract). `clock` stamps queue and first-schedule times (monotonic
+    seconds)."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        scheduler_config: SchedulerConfig,
+        enable_prefix_caching: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runner = runner
+        self.clock = clock
+        self.block_size = runner.block_size
+        self.vocab_size = runner.vocab_size
+        self.eos_token_ids = frozenset(runner.eos_token_ids)
+        self.max_model_len = scheduler_config.max_model_len
+        self.kv_cache = KVCacheManager(runner.num_blocks, self.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d, device %s",
-            num_blocks,
-            self.block_size,
-            num_blocks * bytes_per_block / 2**20,
-            model_len,
-            self.device,
-        )
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -103,12 +123,12 @@ class EngineCore:
         """Queue a request. Returns an error output at once if it can never run."""
         if req.sampling_params.n != 1:
             raise ValueError("the engine core takes n=1; the front end fans out n > 1")
-        vocab = self.model_config.vocab_size
+        vocab = self.vocab_size
         for what, ids in (
             ("prompt token ids", req.prompt_token_ids),
             ("stop_token_ids", req.sampling_params.stop_token_ids),
         ):
-            if any(not 0 <= t < vocab for t in ids):
+            if any(not (isinstance(t, int) and 0 <= t < vocab) for t in ids):
                 error = f"{what} must be in [0, {vocab})"
                 return [EngineCoreOutput(req.request_id, [], finish_reason="error", error=error)]
         request = Request(
@@ -118,6 +138,7 @@ class EngineCore:
             arrival_time=req.arrival_time,
             priority=req.priority,
             eos_token_ids=self.eos_token_ids,
+            queued_time=self.clock(),
         )
         rejected = self.scheduler.add_request(request)
         return [self._output(rejected)] if rejected else []
@@ -137,15 +158,20 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        now = self.clock()
+        for s in sched.scheduled:
+            if s.request.scheduled_time is None:
+                s.request.scheduled_time = now
         self.prompt_tokens_total += sum(
             s.num_new_tokens for s in sched.scheduled if s.request.is_prefill
         )
         result = self._execute(sched)
         updates = self.scheduler.fail_requests(sched, result.errors) if result.errors else []
         updates += self.scheduler.update(sched, result.sampled)
+        scheduled = {s.request.request_id: s.request for s in sched.scheduled}
         outputs = {}
         for u in updates:
-            out = self._output(u)
+            out = self._output(u, scheduled.get(u.request_id))
             out.new_logprobs = (
                 [result.logprobs[u.request_id]] if u.request_id in result.logprobs else None
             )
@@ -155,8 +181,9 @@ class EngineCore:
             request_id = s.request.request_id
             lps = result.prompt_logprobs.get(request_id)
             if lps is not None and request_id not in result.errors and (lps := _unsent(s, lps)):
-                out = outputs.setdefault(request_id, EngineCoreOutput(request_id, []))
-                out.prompt_logprobs = lps
+                if request_id not in outputs:
+                    outputs[request_id] = self._output(None, s.request)
+                outputs[request_id].prompt_logprobs = lps
         return list(outputs.values())
 
     def _execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -192,14 +219,25 @@ class EngineCore:
             except Exception as half_exc:  # noqa: BLE001
                 self._isolate(half, half_exc, result)
 
-    def _output(self, u: RequestUpdate) -> EngineCoreOutput:
-        return EngineCoreOutput(
-            u.request_id,
-            u.new_token_ids,
-            finish_reason=u.finish_reason,
-            error=u.error,
-            num_cached_tokens=u.num_cached_tokens,
-        )
+    def _output(self, u: RequestUpdate | None, request: Request | None = None) -> EngineCoreOutput:
+        """The output of update `u` (None: an output with no tokens for `request`), carrying
+        the request's queue times the first time it goes out after its first schedule."""
+        if u is None:
+            out = EngineCoreOutput(request.request_id, [])
+        else:
+            out = EngineCoreOutput(
+                u.request_id,
+                u.new_token_ids,
+                finish_reason=u.finish_reason,
+                error=u.error,
+                num_cached_tokens=u.num_cached_tokens,
+            )
+        if request is not None and request.scheduled_time is not None:
+            if not request.timing_reported:  # once: the front end keeps the first
+                request.timing_reported = True
+                out.scheduled_time = request.scheduled_time
+                out.queue_time = request.scheduled_time - request.queued_time
+        return out
 
     # ---- observability ---------------------------------------------------------------------
 

@@ -1,46 +1,41 @@
-"""The engine core in its own process, talking to the API server over ZMQ with msgpack.
+"""The engine core in its own process, talking to the API server over ZMQ.
 
-    API server (AsyncEngine)  --PUSH input-->   core process (this file)
-                              <--PUSH output--
+    API server (CoreClient)  --PUSH input-->   core process (this file)
+                             <--PUSH output--
 
-Messages, front end -> core: a msgpack list ``[kind, payload]``
-
-    ["add", {"request_id", "prompt_token_ids", "sampling_params": {field: value},
-             "priority", "arrival_time"}]
-    ["abort", [request_id, ...]]
-    ["stats", None]       # answer with a tick carrying fresh stats now
-    ["shutdown", None]
-
-Core -> front end: a msgpack map with a "kind"
-
-    {"kind": "ready", "max_model_len", "block_size", "vocab_size", "eos_token_ids", "pid"}
-    {"kind": "failed", "error"}             # the model could not be loaded; the process exits
-    {"kind": "tick", "outputs": [EngineCoreOutput as a map, ...], "kv_events": [KVEvent as a
-     map, ...], "stats": {...} | None, "queue_times": {request_id: seconds}}
-
-A tick goes out after every step that produced something, and at least every
-`HEARTBEAT_S` while idle: the front end takes silence as a dead or hung core. The loop spins
-only while there is work; idle, it blocks on the input socket.
+The messages and their codec are in `messages`. An `Outputs` tick goes out after every
+step that produced something, and at least every `HEARTBEAT_S` while idle: the front end
+takes silence as a dead or hung core. The loop spins only while there is work; idle, it
+blocks on the input socket.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
 import signal
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Protocol
 
-import msgpack
 import zmq
 
+from fleetserve.engine import messages
 from fleetserve.engine.config import EngineConfig
+from fleetserve.engine.core import build_engine_core
+from fleetserve.engine.kv_cache_manager import KVEvent
+from fleetserve.engine.messages import (
+    AbortRequests,
+    Failed,
+    Outputs,
+    Ready,
+    Shutdown,
+    StatsRequest,
+)
 from fleetserve.engine.outputs import EngineCoreOutput
 from fleetserve.engine.request import EngineCoreRequest
-from fleetserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -48,47 +43,22 @@ HEARTBEAT_S = 0.5  # idle tick period
 STATS_PERIOD_S = 0.1  # stats at most this often while busy
 
 
-# ---- the schema, shared by both ends --------------------------------------------------------
+class Core(Protocol):
+    """What `CoreLoop` drives (`EngineCore` is one)."""
 
+    def add_request(self, req: EngineCoreRequest) -> list[EngineCoreOutput]:
+        """Queue a request; the outputs of one it refuses at once."""
+        ...
 
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]: ...
 
+    def step(self) -> list[EngineCoreOutput]: ...
 
-def unpack(raw: bytes) -> Any:
-    # Logprobs are maps keyed by token id: allow int keys.
-    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    def has_unfinished(self) -> bool: ...
 
+    def stats(self) -> dict: ...
 
-def sampling_params_to_dict(params: SamplingParams) -> dict:
-    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
-
-
-def request_to_dict(req: EngineCoreRequest) -> dict:
-    return {
-        "request_id": req.request_id,
-        "prompt_token_ids": req.prompt_token_ids,
-        "sampling_params": sampling_params_to_dict(req.sampling_params),
-        "priority": req.priority,
-        "arrival_time": req.arrival_time,
-    }
-
-
-def output_to_dict(out: EngineCoreOutput) -> dict:
-    return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-
-
-def output_from_dict(d: dict) -> EngineCoreOutput:
-    return EngineCoreOutput(**d)
-
-
-def kv_event_to_dict(event: Any) -> dict:
-    return {
-        "kind": event.kind,
-        "block_hashes": list(event.block_hashes),
-        "parent_hash": event.parent_hash,
-        "token_ids": [list(t) for t in event.token_ids],
-    }
+    def take_kv_events(self) -> list[KVEvent]: ...
 
 
 # ---- the process ------------------------------------------------------------------------------
@@ -100,9 +70,13 @@ def run_engine_core(
     output_addr: str,
     log_level: int = logging.INFO,
     socket_dir: str | None = None,
+    build_core: Callable[[EngineConfig], Core] = build_engine_core,
 ) -> None:
     """Entry point of the core process (started with the spawn method). `socket_dir` holds
-    the ipc sockets: removed here if the API server dies first (it cannot remove it then)."""
+    the ipc sockets: removed here if the API server dies first (it cannot remove it then).
+    `build_core(config)` makes the core (a module-level function: spawn pickles it by name);
+    besides the `Core` methods it has `max_model_len`, `block_size`, `vocab_size` and
+    `eos_token_ids` for the `Ready` message."""
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s"
     )
@@ -119,25 +93,19 @@ def run_engine_core(
     outbox.connect(output_addr)
     try:
         try:
-            from fleetserve.engine.core import EngineCore
-
-            core = EngineCore(config)
+            core = build_core(config)
         except Exception as exc:  # a user error (bad path, bad config) or a bug: report it
             logger.exception("engine core failed to start")
-            outbox.send(pack({"kind": "failed", "error": f"{type(exc).__name__}: {exc}"}))
+            outbox.send(messages.encode(Failed(f"{type(exc).__name__}: {exc}")))
             raise SystemExit(1) from None
-        outbox.send(
-            pack(
-                {
-                    "kind": "ready",
-                    "max_model_len": core.max_model_len,
-                    "block_size": core.block_size,
-                    "vocab_size": core.model_config.vocab_size,
-                    "eos_token_ids": sorted(core.eos_token_ids),
-                    "pid": os.getpid(),
-                }
-            )
+        ready = Ready(
+            max_model_len=core.max_model_len,
+            block_size=core.block_size,
+            vocab_size=core.vocab_size,
+            eos_token_ids=sorted(core.eos_token_ids),
+            pid=os.getpid(),
         )
+        outbox.send(messages.encode(ready))
         loop = CoreLoop(core, inbox, outbox)
         loop.run()
     finally:
@@ -151,16 +119,14 @@ def run_engine_core(
 class CoreLoop:
     """Receive, step, publish. One instance per core process."""
 
-    def __init__(self, core: Any, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+    def __init__(self, core: Core, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
         self.core = core
         self.inbox = inbox
         self.outbox = outbox
         self.parent_pid = os.getppid()
         self.running = True
         self.orphaned = False  # the API server died before telling us to stop
-        self.arrived: dict[str, float] = {}  # live request id -> arrival at the core
-        self.scheduled: set[str] = set()  # live requests that have left the queue once
-        self.queue_times: dict[str, float] = {}  # to report in the next tick
+        self.live: set[str] = set()  # requests added and not finished
         self.outputs: list[EngineCoreOutput] = []  # to report in the next tick
         self.want_stats = True
         self.last_tick = 0.0
@@ -188,69 +154,47 @@ class CoreLoop:
             except zmq.Again:
                 return
             try:
-                kind, payload = unpack(raw)
-                self._handle(kind, payload)
+                self._handle(messages.decode(raw))
             except Exception:  # bad input must never kill the core
                 logger.exception("dropping a malformed message from the front end")
 
-    def _handle(self, kind: str, payload: Any) -> None:
-        if kind == "add":
-            self._add(payload)
-        elif kind == "abort":
-            ids = [i for i in payload if i in self.arrived]
-            for i in ids:
-                self._forget(i)
-            self.core.abort_requests(ids)
-        elif kind == "stats":
-            self.want_stats = True
-        elif kind == "shutdown":
-            self.running = False
-        else:
-            raise ValueError(f"unknown message kind {kind!r}")
+    def _handle(self, msg: messages.FrontEndMessage) -> None:
+        match msg:
+            case EngineCoreRequest():
+                self._add(msg)
+            case AbortRequests(request_ids=ids):
+                ids = [i for i in ids if i in self.live]
+                self.live.difference_update(ids)
+                self.core.abort_requests(ids)
+            case StatsRequest():
+                self.want_stats = True
+            case Shutdown():
+                self.running = False
+            case _:
+                raise ValueError(f"not a message to the engine core: {type(msg).__name__}")
 
-    def _add(self, payload: dict) -> None:
-        request_id = str(payload["request_id"])
+    def _add(self, request: EngineCoreRequest) -> None:
         try:
-            request = EngineCoreRequest(
-                request_id=request_id,
-                prompt_token_ids=[int(t) for t in payload["prompt_token_ids"]],
-                sampling_params=SamplingParams(**payload["sampling_params"]),
-                priority=int(payload.get("priority", 0)),
-                arrival_time=float(payload.get("arrival_time", 0.0)),
-            )
             rejected = self.core.add_request(request)
         except Exception as exc:  # noqa: BLE001 - one bad request must not kill the core
-            logger.warning("rejected request %s: %s", request_id, exc)
-            rejected = [EngineCoreOutput(request_id, [], finish_reason="error", error=str(exc))]
+            logger.warning("rejected request %s: %s", request.request_id, exc)
+            error = str(exc)
+            rejected = [
+                EngineCoreOutput(request.request_id, [], finish_reason="error", error=error)
+            ]
         if rejected:
             self.outputs.extend(rejected)
         else:
-            self.arrived[request_id] = time.monotonic()
-
-    def _forget(self, request_id: str) -> None:
-        self.arrived.pop(request_id, None)
-        self.scheduled.discard(request_id)
+            self.live.add(request.request_id)
 
     # ---- the step ----------------------------------------------------------------------------
 
     def _step(self) -> None:
-        start = time.monotonic()
         try:
             outputs = self.core.step()
         except Exception as exc:  # noqa: BLE001 - a bug in a step fails requests, not the core
             outputs = self._fail_all(exc)
-        finished = {o.request_id for o in outputs if o.finished}
-        requests = self.core.scheduler.requests
-        for rid, arrival in self.arrived.items():
-            # First time out of the waiting queue: `num_cached_tokens` is set on first
-            # schedule; a request that finished within its first step is gone from `requests`.
-            if rid not in self.scheduled and (
-                rid in finished or (rid in requests and requests[rid].num_cached_tokens >= 0)
-            ):
-                self.queue_times[rid] = start - arrival
-                self.scheduled.add(rid)
-        for rid in finished:
-            self._forget(rid)
+        self.live.difference_update(o.request_id for o in outputs if o.finished)
         self.outputs.extend(outputs)
 
     def _fail_all(self, exc: Exception) -> list[EngineCoreOutput]:
@@ -261,13 +205,12 @@ class CoreLoop:
         process exits (the API server notices and exits too, so that a supervisor restarts
         the replica)."""
         logger.error(
-            "engine step failed; failing %d requests\n%s", len(self.arrived), traceback.format_exc()
+            "engine step failed; failing %d requests\n%s", len(self.live), traceback.format_exc()
         )
-        ids = list(self.arrived)
+        ids = list(self.live)
         self.core.abort_requests(ids)
         message = f"engine step failed: {type(exc).__name__}: {exc}"
-        for rid in ids:
-            self._forget(rid)
+        self.live.clear()
         return [EngineCoreOutput(rid, [], finish_reason="error", error=message) for rid in ids]
 
     # ---- output ------------------------------------------------------------------------------
@@ -277,18 +220,11 @@ class CoreLoop:
         kv_events = self.core.take_kv_events()
         stats_due = self.want_stats or went_idle or now - self.last_stats >= STATS_PERIOD_S
         heartbeat_due = now - self.last_tick >= HEARTBEAT_S
-        if not (self.outputs or kv_events or self.queue_times or heartbeat_due or went_idle):
+        if not (self.outputs or kv_events or heartbeat_due or went_idle):
             return
         stats = self.core.stats() if stats_due else None
-        message = {
-            "kind": "tick",
-            "outputs": [output_to_dict(o) for o in self.outputs],
-            "kv_events": [kv_event_to_dict(e) for e in kv_events],
-            "stats": stats,
-            "queue_times": self.queue_times,
-        }
-        self.outbox.send(pack(message))
-        self.outputs, self.queue_times = [], {}
+        self.outbox.send(messages.encode(Outputs(self.outputs, kv_events, stats)))
+        self.outputs = []
         self.last_tick = now
         if stats is not None:
             self.last_stats, self.want_stats = now, False

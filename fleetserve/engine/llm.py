@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from fleetserve.engine.config import EngineConfig
-from fleetserve.engine.core import EngineCore
+from fleetserve.engine.core import build_engine_core
 from fleetserve.engine.output_processor import OutputProcessor
 from fleetserve.engine.outputs import RequestOutput
 from fleetserve.engine.sampling_params import SamplingParams
@@ -47,7 +47,7 @@ class LLM:
             **kwargs,
         )
         self.tokenizer = load_tokenizer(self.config.tokenizer or model)
-        self.engine = EngineCore(self.config)
+        self.engine = build_engine_core(self.config)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self._results: dict[str, RequestOutput] = {}  # finished while being added

@@ -4,7 +4,6 @@ and samples. Owns the KV-cache tensors; knows nothing about queues or HTTP."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
@@ -15,26 +14,11 @@ from fleetserve.attention import (
     get_backend,
 )
 from fleetserve.engine.outputs import Logprobs
+from fleetserve.engine.runner import RunnerOutput
 from fleetserve.engine.sampler import Sampler, top_logprobs
 from fleetserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, Logprobs] = field(default_factory=dict)
-    # request id -> logprobs of the prompt positions computed this step (None at position 0)
-    prompt_logprobs: dict[str, list[Logprobs | None]] = field(default_factory=dict)
-    # request id -> why it has no token this step: the request fails, the batch goes on
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def merge(self, other: RunnerOutput) -> None:
-        self.sampled.update(other.sampled)
-        self.logprobs.update(other.logprobs)
-        self.prompt_logprobs.update(other.prompt_logprobs)
-        self.errors.update(other.errors)
 
 
 def kv_cache_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
@@ -44,22 +28,28 @@ def kv_cache_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) 
 
 
 class ModelRunner:
+    """The `Runner` of a real model: owns its KV-cache tensors and its sampler."""
+
     def __init__(
         self,
         model,
         model_config,
+        *,
         num_blocks: int,
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
-        backend: str,
-        seed: int,
+        attention_backend: str = "torch",
+        seed: int = 0,
     ) -> None:
         self.model = model
         self.model_config = model_config
+        self.num_blocks = num_blocks
         self.block_size = block_size
+        self.vocab_size = model_config.vocab_size
+        self.eos_token_ids = frozenset(model_config.eos_token_ids)
         self.device = device
-        self.backend = get_backend(backend)
+        self.backend = get_backend(attention_backend)
         self.kv_caches = [
             self.backend.new_kv_cache(
                 num_blocks,

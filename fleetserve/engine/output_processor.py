@@ -34,6 +34,7 @@ class _Parent:
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    queue_time: float | None = None  # of its first choice to leave the core's queue
 
     @property
     def finished(self) -> bool:
@@ -107,6 +108,8 @@ class OutputProcessor:
             if out.prompt_logprobs is not None:
                 parent.prompt_logprobs = (parent.prompt_logprobs or []) + out.prompt_logprobs
             parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+            if parent.queue_time is None:
+                parent.queue_time = out.queue_time
             stopped = False
             for k, token in enumerate(out.new_token_ids):
                 c.token_ids.append(token)
@@ -168,4 +171,5 @@ class OutputProcessor:
             prompt_logprobs=parent.prompt_logprobs,
             num_cached_tokens=parent.num_cached_tokens,
             error=parent.error,
+            queue_time=parent.queue_time,
         )

@@ -20,6 +20,10 @@ class EngineCoreOutput:
     error: str | None = None
     num_cached_tokens: int = 0
     prompt_logprobs: list[Logprobs | None] | None = None  # first position has none
+    # Set on the first output after the request's first schedule (the core's monotonic
+    # clock): when it left the waiting queue, and how long it waited there.
+    scheduled_time: float | None = None
+    queue_time: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -54,3 +58,4 @@ class RequestOutput:
     prompt_logprobs: list[Logprobs | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    queue_time: float | None = None  # seconds in the core's queue; None until scheduled

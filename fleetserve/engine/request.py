@@ -64,6 +64,10 @@ class Request:
     # Hashes of the request's full blocks, extended by the KV-cache manager as tokens arrive.
     block_hashes: list[int] = field(default_factory=list)
     error: str | None = None
+    # On the core's clock (`EngineCore.clock`): when it was queued, and first scheduled.
+    queued_time: float = 0.0
+    scheduled_time: float | None = None
+    timing_reported: bool = False  # an output has carried the two above
     seq: int = 0  # admission order, set by the scheduler; breaks ties of arrival_time
 
     def __post_init__(self) -> None:

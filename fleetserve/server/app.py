@@ -11,20 +11,28 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from fleetserve.server import errors, openai_api, ops_api
 from fleetserve.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from fleetserve.server.state import ServerSettings, ServerState, require_operator_key
+from fleetserve.server.state import (
+    EngineFactory,
+    ServerSettings,
+    ServerState,
+    llm_engine,
+    require_operator_key,
+)
 
 
 def build_app(
     settings: ServerSettings,
     on_ready: Callable[[], None] | None = None,
     request_exit: Callable[[int], None] | None = None,
+    engine_factory: EngineFactory = llm_engine,
 ) -> FastAPI:
     """`request_exit(code)` asks the HTTP server to stop (after a drain, or with 1 when the
-    engine dies); `on_ready()` runs once the model is loaded."""
+    engine dies); `on_ready()` runs once the model is loaded; `engine_factory(settings)`
+    makes the engine behind the routes (default: the LLM engine of `settings.engine`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = ServerState(settings, on_ready, request_exit)
+        state = ServerState(settings, on_ready, request_exit, engine_factory)
         app.state.server = state
         state.start()  # loads in the background; routes answer 503 until it is done
         try:

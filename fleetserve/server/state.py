@@ -91,15 +91,26 @@ class Phase(enum.Enum):
     DEAD = "dead"  # the engine core process died
 
 
+EngineFactory = Callable[[ServerSettings], AsyncEngine]
+
+
+def llm_engine(settings: ServerSettings) -> AsyncEngine:
+    """The default engine of a replica: an LLM behind an engine core in its own process."""
+    return AsyncEngine(settings.engine, health_timeout_s=settings.health_timeout)
+
+
 class ServerState:
+    """`engine_factory(settings)` makes the engine behind the routes (not started yet)."""
+
     def __init__(
         self,
         settings: ServerSettings,
         on_ready: Callable[[], None] | None = None,
         request_exit: Callable[[int], None] | None = None,
+        engine_factory: EngineFactory = llm_engine,
     ) -> None:
         self.settings = settings
-        self.engine = AsyncEngine(settings.engine, health_timeout_s=settings.health_timeout)
+        self.engine = engine_factory(settings)
         self.metrics = ServerMetrics(self.engine, settings.served_model_name)
         self.phase = Phase.LOADING
         self.created = int(time.time())
