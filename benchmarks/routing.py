@@ -101,7 +101,7 @@ class Fleet:
             cmd = [
                 sys.executable,
                 "-m",
-                "fleetserve.fleet.replicated",
+                "fleetserve.cli",
                 "--log-level",
                 "WARNING",
                 "serve",

@@ -197,7 +197,7 @@ def real_fleet(tiny_llama, tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "fleetserve.fleet.replicated",
+            "fleetserve.cli",
             "serve",
             str(tiny_llama),
             "--config",
