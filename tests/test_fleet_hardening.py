@@ -30,7 +30,7 @@ from fleetserve.gateway.app import create_app
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.options import resolve_options
-from fleetserve.server.launcher import stop_process_group
+from fleetserve.testing.launcher import stop_process_group
 
 TESTS = Path(__file__).parent
 

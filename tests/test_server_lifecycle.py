@@ -19,7 +19,7 @@ from gateway_harness import wait_until
 
 from fleetserve import options as serve_options
 from fleetserve.server import cli
-from fleetserve.server.launcher import ReplicaProcess
+from fleetserve.testing.launcher import ReplicaProcess
 
 MODEL = "llama"
 SERVER_ARGS = ("--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", "64MiB")

@@ -41,8 +41,9 @@ from fleetserve.gateway.app import create_app
 from fleetserve.gateway.cli import quiet_http_client_logs
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
-from fleetserve.gateway.serve import bind, run, serve_app
+from fleetserve.gateway.serve import run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
+from fleetserve.http.sockets import bind
 from fleetserve.http_limits import HttpLimits
 from fleetserve.options import API_KEY_ENV, OPERATOR_KEY_ENV, default_model, resolve_options
 

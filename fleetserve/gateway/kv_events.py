@@ -13,7 +13,7 @@ import logging
 import httpx
 
 from fleetserve.gateway.replica import Replica
-from fleetserve.gateway.sse import iter_sse_data
+from fleetserve.http.sse import iter_sse_data
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ import anyio
 from fleetserve.gateway.context import RequestContext
 from fleetserve.gateway.gateway import DeadlineExceeded, Gateway, NoReplica, Outcome, Shed
 from fleetserve.gateway.replica import Replica
-from fleetserve.gateway.sse import DONE_EVENT, encode_event, error_body
 from fleetserve.gateway.stream_state import StreamState
 from fleetserve.gateway.upstream import UpstreamError, UpstreamStream, open_stream
+from fleetserve.http.errors import error_body
+from fleetserve.http.sse import DONE_EVENT, encode_event
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class StreamSession:
         logger.warning("request %s: %s", self.ctx.request_id, message)
         self.status = str(code)
         self.state.done = True
-        return [encode_event(error_body(message, err_type, code)), DONE_EVENT]
+        return [encode_event(error_body(message, err_type, code=code)), DONE_EVENT]
 
     # ---- migration ---------------------------------------------------------------------------
 

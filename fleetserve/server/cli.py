@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from fleetserve.engine.config import EngineConfig
+from fleetserve.http.sockets import bind
 from fleetserve.options import (
     SERVER_ENGINE_DEFAULTS,
     add_serve_arguments,
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     host, port = options["host"], options["port"]
     try:
-        sock = runner.bind(host, port)
+        sock = bind(host, port)
     except OSError as exc:
         parser.error(f"cannot listen on {host}:{port}: {exc}")
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
