@@ -38,7 +38,7 @@ from pathlib import Path
 
 import httpx
 
-from fleetserve.server.launcher import stop_process_group
+from fleetserve.testing.launcher import stop_process_group
 
 HERE = Path(__file__).resolve().parent
 # The gateway's admin routes (the replica listing) need an operator key.
@@ -101,7 +101,7 @@ class Fleet:
             cmd = [
                 sys.executable,
                 "-m",
-                "fleetserve.fleet.replicated",
+                "fleetserve.cli",
                 "--log-level",
                 "WARNING",
                 "serve",
@@ -132,11 +132,11 @@ class Fleet:
     def _start_fake(self, args: argparse.Namespace, router: str, port: int) -> None:
         import uvicorn
 
-        from fleetserve.fleet.fake_replica import ByteTokenizer
         from fleetserve.gateway.api_keys import with_operator_key
         from fleetserve.gateway.app import create_app
         from fleetserve.gateway.config import GatewayConfig
         from fleetserve.gateway.gateway import Gateway
+        from fleetserve.testing.fake_replica import ByteTokenizer
 
         urls = []
         for _ in range(args.replicas):
@@ -144,7 +144,7 @@ class Fleet:
             cmd = [
                 sys.executable,
                 "-m",
-                "fleetserve.fleet.fake_replica",
+                "fleetserve.testing.fake_replica",
                 "--port",
                 str(p),
                 "--token-delay",
@@ -307,7 +307,7 @@ def run_overhead(args: argparse.Namespace) -> dict:
         [
             sys.executable,
             "-m",
-            "fleetserve.fleet.fake_replica",
+            "fleetserve.testing.fake_replica",
             "--port",
             str(fake_port),
             "--token-delay",

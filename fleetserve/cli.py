@@ -1,5 +1,7 @@
 """The `fleetserve` command. Each subcommand lives in its own package's `cli.py`, which
-exposes `register(subparsers)`; this file only wires them together."""
+exposes `register(subparsers)`; this file only wires them together, and sends
+`serve --replicas N` (N > 1) to the fleet, so the replica server and the fleet never import
+each other (both read their options from `fleetserve.options`)."""
 
 from __future__ import annotations
 
@@ -39,7 +41,22 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             importlib.import_module(module).register(sub)
         else:
             sub.add_parser(name, help=_HELP[name])
+    if "serve" in wanted:
+        _add_fleet(sub.choices["serve"])
     return parser
+
+
+def _add_fleet(serve: argparse.ArgumentParser) -> None:
+    """`fleetserve serve --replicas N`: N replicas behind one gateway on the public port."""
+    from fleetserve.fleet.replicated import add_replicated_arguments, run_replicated
+
+    add_replicated_arguments(serve)
+    run_one = serve.get_default("func")
+
+    def run(args: argparse.Namespace) -> int:
+        return run_replicated(args) if args.replicas > 1 else run_one(args)
+
+    serve.set_defaults(func=run)
 
 
 _HELP = {

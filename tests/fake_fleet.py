@@ -17,8 +17,9 @@ from fleetserve.fleet.local import LocalBackend
 from fleetserve.fleet.replicated import serve_fleet
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
-from fleetserve.gateway.serve import bind, run
+from fleetserve.gateway.serve import run
 from fleetserve.gateway.tokenizer import TokenizerFiles
+from fleetserve.http.sockets import bind
 
 CRASH = "import sys; print('ERROR loader: model.gguf is truncated', file=sys.stderr); sys.exit(3)"
 
@@ -36,7 +37,7 @@ def main() -> int:
     def command(port: int) -> list[str]:
         if args.replica == "crash":
             return [sys.executable, "-c", CRASH]
-        return [sys.executable, "-m", "fleetserve.fleet.fake_replica", "--port", str(port),
+        return [sys.executable, "-m", "fleetserve.testing.fake_replica", "--port", str(port),
                 "--token-delay", str(args.token_delay)]  # fmt: skip
 
     config = GatewayConfig(router="round_robin", probe_interval_s=0.2)

@@ -77,7 +77,7 @@ class ThreadServer:
 
 
 class FakeProcess:
-    """`python -m fleetserve.fleet.fake_replica` in a child process of its own group."""
+    """`python -m fleetserve.testing.fake_replica` in a child process of its own group."""
 
     def __init__(self, *args: str) -> None:
         self.port = free_port()
@@ -85,7 +85,7 @@ class FakeProcess:
             [
                 sys.executable,
                 "-m",
-                "fleetserve.fleet.fake_replica",
+                "fleetserve.testing.fake_replica",
                 "--port",
                 str(self.port),
                 *args,

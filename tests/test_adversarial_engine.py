@@ -21,7 +21,7 @@ from test_server_api import assert_error, random_prompt, scrape
 from test_server_lifecycle import StreamInThread, engine_core_pid
 
 from fleetserve.engine import ipc_dir
-from fleetserve.server.launcher import ReplicaProcess
+from fleetserve.testing.launcher import ReplicaProcess
 
 MODEL = "llama"
 SERVER_ARGS = ("--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", "64MiB")

@@ -17,7 +17,6 @@ import httpx
 import pytest
 from gateway_harness import ThreadServer, free_port, wait_until
 
-from fleetserve.fleet.fake_replica import ByteTokenizer, FakeReplica, FakeSettings
 from fleetserve.gateway.api_keys import hash_key, load_api_keys, with_operator_key
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.circuit_breaker import BreakerState
@@ -25,6 +24,7 @@ from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import api_keys_from_args
 from fleetserve.gateway.replica import ReplicaKind
+from fleetserve.testing.fake_replica import ByteTokenizer, FakeReplica, FakeSettings
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from fleetserve.server.launcher import ReplicaProcess
+from fleetserve.testing.launcher import ReplicaProcess
 
 API_KEY = "sk-client-0123456789"
 OPERATOR_KEY = "op-operator-0123456789"

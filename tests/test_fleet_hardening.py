@@ -29,8 +29,8 @@ from fleetserve.gateway.api_keys import with_operator_key
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
-from fleetserve.server.cli import resolve_options
-from fleetserve.server.launcher import stop_process_group
+from fleetserve.options import resolve_options
+from fleetserve.testing.launcher import stop_process_group
 
 TESTS = Path(__file__).parent
 
@@ -281,7 +281,7 @@ def _status(url: str) -> int | None:
 @pytest.mark.timeout(120)
 def test_fleetserve_serve_replicas_exits_when_the_model_cannot_load(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleetserve.fleet.replicated", "--log-level", "WARNING",
+        [sys.executable, "-m", "fleetserve.cli", "--log-level", "WARNING",
          "serve", str(tmp_path / "missing-model"), "--replicas", "2",
          "--port", str(free_port()), "--replica-max-failures", "1"],
         stdout=subprocess.PIPE,

@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from fleetserve.fleet.fake_replica import ByteTokenizer
 from fleetserve.gateway.continuation import (
     CARRIED_FIELDS,
     COMPLETION_DEFAULT_MAX_TOKENS,
@@ -20,10 +19,11 @@ from fleetserve.gateway.continuation import (
     owed_max_tokens,
     usage_chunk,
 )
-from fleetserve.gateway.sse import encode_event, iter_sse_data
 from fleetserve.gateway.stream_state import StreamState
 from fleetserve.gateway.tokenizer import PromptTokenizer, estimate_prompt_tokens
 from fleetserve.gateway.upstream import UpstreamError, error_payload, is_retryable_status
+from fleetserve.http.sse import encode_event, iter_sse_data
+from fleetserve.testing.fake_replica import ByteTokenizer
 
 
 def test_continuation_of_a_chat_request():

@@ -23,13 +23,13 @@ import yaml
 from gateway_harness import ThreadServer, free_port, sse_texts, wait_until
 
 from fleetserve.fleet.backoff import RestartBackoff
-from fleetserve.fleet.fake_replica import ByteTokenizer
 from fleetserve.fleet.local import LocalBackend
 from fleetserve.fleet.supervisor import Supervisor
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
-from fleetserve.server.launcher import stop_process_group
+from fleetserve.testing.fake_replica import ByteTokenizer
+from fleetserve.testing.launcher import stop_process_group
 
 PUBLIC_KEY = "public-fleet-key"  # the real fleet's, from its --config file
 AUTH = {"Authorization": f"Bearer {PUBLIC_KEY}"}
@@ -100,7 +100,7 @@ def test_supervised_fake_replicas_survive_sigkill():
     )
     gw = Gateway(config, tokenizer=ByteTokenizer())
     front = ThreadServer(create_app(gw)).start()
-    module = "fleetserve.fleet.fake_replica"
+    module = "fleetserve.testing.fake_replica"
     backend = LocalBackend(
         lambda port: [sys.executable, "-m", module, "--port", str(port), "--token-delay", "0.02"]
     )
@@ -197,7 +197,7 @@ def real_fleet(tiny_llama, tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "fleetserve.fleet.replicated",
+            "fleetserve.cli",
             "serve",
             str(tiny_llama),
             "--config",

@@ -22,11 +22,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "fleetserve"
 
-# Part C of issue 10 removes this one (the two CLIs call each other); the coordinator drops the
-# xfail below after merging it. (`gateway.gateway` <-> `health` / `kv_events` is no cycle here:
-# one side of each is a TYPE_CHECKING import.)
-KNOWN_CYCLES_FOR_PART_C = ({"fleetserve.fleet.replicated", "fleetserve.server.cli"},)
-
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
@@ -167,31 +162,10 @@ def cycle_path(edges: dict[str, frozenset[str]], component: list[str]) -> str:
     raise AssertionError(f"no cycle through {start} in {component}")
 
 
-def _known_for_part_c(component: list[str]) -> bool:
-    return any(known <= set(component) for known in KNOWN_CYCLES_FOR_PART_C)
-
-
-def _cycles(include_part_c: bool) -> list[str]:
-    edges = graph()
-    return [
-        cycle_path(edges, c)
-        for c in strongly_connected_components(edges)
-        if include_part_c or not _known_for_part_c(c)
-    ]
-
-
 def test_no_import_cycles() -> None:
-    cycles = _cycles(include_part_c=False)
-    assert not cycles, "import cycles among fleetserve modules:\n" + "\n".join(cycles)
-
-
-# strict: this starts failing (XPASS) as soon as part C's fix is merged, so that someone
-# removes the marker and the list above.
-@pytest.mark.xfail(
-    strict=True, reason="issue 10 part C removes the gateway and fleet-CLI import cycles"
-)
-def test_no_import_cycles_at_all() -> None:
-    cycles = _cycles(include_part_c=True)
+    """Imports inside functions count; `if TYPE_CHECKING:` ones do not."""
+    edges = graph()
+    cycles = [cycle_path(edges, c) for c in strongly_connected_components(edges)]
     assert not cycles, "import cycles among fleetserve modules:\n" + "\n".join(cycles)
 
 

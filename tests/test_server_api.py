@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetserve import LLM, SamplingParams
 from fleetserve.engine.block_hash import NONE_HASH, hash_block_chain
-from fleetserve.server.launcher import ReplicaProcess
+from fleetserve.testing.launcher import ReplicaProcess
 
 API_KEY = "sk-test-0123456789"
 MODEL = "llama"  # the served name of the tiny checkpoint folder

@@ -17,8 +17,9 @@ import openai
 import pytest
 from gateway_harness import wait_until
 
+from fleetserve import options as serve_options
 from fleetserve.server import cli
-from fleetserve.server.launcher import ReplicaProcess
+from fleetserve.testing.launcher import ReplicaProcess
 
 MODEL = "llama"
 SERVER_ARGS = ("--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", "64MiB")
@@ -175,29 +176,31 @@ def test_every_engine_field_is_a_flag():
 def test_config_file_and_precedence(tmp_path, monkeypatch):
     config = tmp_path / "replica.yaml"
     config.write_text("max-model-len: 128\nkv_cache_memory: 2GiB\nport: 9000\nmodel: /m\n")
-    monkeypatch.delenv(cli.API_KEY_ENV, raising=False)
-    options = cli.resolve_options(parse("--config", str(config), "--port", "9001"))
+    monkeypatch.delenv(serve_options.API_KEY_ENV, raising=False)
+    options = serve_options.resolve_options(parse("--config", str(config), "--port", "9001"))
     assert options["max_model_len"] == 128
     assert options["kv_cache_memory"] == 2 * 2**30
     assert options["port"] == 9001  # the command line wins
     assert options["model"] == "/m"
-    monkeypatch.setenv(cli.API_KEY_ENV, "from-env")
-    assert cli.resolve_options(parse())["api_key"] == "from-env"
-    assert cli.resolve_options(parse("--api-key", "flag"))["api_key"] == "flag"
-    settings = cli.build_settings(cli.resolve_options(parse("/x/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    monkeypatch.setenv(serve_options.API_KEY_ENV, "from-env")
+    assert serve_options.resolve_options(parse())["api_key"] == "from-env"
+    assert serve_options.resolve_options(parse("--api-key", "flag"))["api_key"] == "flag"
+    settings = cli.build_settings(
+        serve_options.resolve_options(parse("/x/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    )
     assert settings.served_model_name == "SmolLM2-135M-Instruct"
     assert settings.engine.model == "/x/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert settings.engine.max_num_batched_tokens == 1024  # the server's own default
-    given = cli.resolve_options(parse("/m", "--max-num-batched-tokens", "4096"))
+    given = serve_options.resolve_options(parse("/m", "--max-num-batched-tokens", "4096"))
     assert cli.build_settings(given).engine.max_num_batched_tokens == 4096
 
 
 def test_door_options_from_flags_config_and_env(tmp_path, monkeypatch):
     from fleetserve.http_limits import HttpLimits
 
-    monkeypatch.delenv(cli.API_KEY_ENV, raising=False)
-    monkeypatch.delenv(cli.OPERATOR_KEY_ENV, raising=False)
-    defaults = cli.build_settings(cli.resolve_options(parse("/m")))
+    monkeypatch.delenv(serve_options.API_KEY_ENV, raising=False)
+    monkeypatch.delenv(serve_options.OPERATOR_KEY_ENV, raising=False)
+    defaults = cli.build_settings(serve_options.resolve_options(parse("/m")))
     assert defaults.allow_client_priority is False
     assert defaults.operator_key is None
     assert defaults.http == HttpLimits()
@@ -207,7 +210,9 @@ def test_door_options_from_flags_config_and_env(tmp_path, monkeypatch):
         "allow-client-priority: true\noperator-key: op-from-file\nmax-prompts-per-request: 8\n"
         "max-choices-per-request: 16\nheader-timeout: 2.5\nmax-header-bytes: 4096\n"
     )
-    settings = cli.build_settings(cli.resolve_options(parse("/m", "--config", str(config))))
+    settings = cli.build_settings(
+        serve_options.resolve_options(parse("/m", "--config", str(config)))
+    )
     assert settings.allow_client_priority is True
     assert settings.operator_key == "op-from-file"
     assert (settings.max_prompts_per_request, settings.max_choices_per_request) == (8, 16)
@@ -215,21 +220,25 @@ def test_door_options_from_flags_config_and_env(tmp_path, monkeypatch):
     flags = parse(
         "/m", "--config", str(config), "--no-allow-client-priority", "--body-timeout", "5"
     )
-    settings = cli.build_settings(cli.resolve_options(flags))
+    settings = cli.build_settings(serve_options.resolve_options(flags))
     assert settings.allow_client_priority is False and settings.http.body_timeout == 5
-    monkeypatch.setenv(cli.OPERATOR_KEY_ENV, "op-from-env")
-    assert cli.build_settings(cli.resolve_options(parse("/m"))).operator_key == "op-from-env"
+    monkeypatch.setenv(serve_options.OPERATOR_KEY_ENV, "op-from-env")
+    assert (
+        cli.build_settings(serve_options.resolve_options(parse("/m"))).operator_key == "op-from-env"
+    )
     with pytest.raises(ValueError, match="operator_key must differ"):
-        cli.build_settings(cli.resolve_options(parse("/m", "--api-key", "op-from-env")))
+        cli.build_settings(serve_options.resolve_options(parse("/m", "--api-key", "op-from-env")))
     with pytest.raises(ValueError, match="max_prompts_per_request"):
-        cli.build_settings(cli.resolve_options(parse("/m", "--max-prompts-per-request", "0")))
+        cli.build_settings(
+            serve_options.resolve_options(parse("/m", "--max-prompts-per-request", "0"))
+        )
     with pytest.raises(ValueError, match="header_timeout"):
         HttpLimits(header_timeout=0)
 
 
 def test_open_server_beyond_loopback_warns(caplog):
-    settings = cli.build_settings(cli.resolve_options(parse("/m")))
-    keyed = cli.build_settings(cli.resolve_options(parse("/m", "--operator-key", "k")))
+    settings = cli.build_settings(serve_options.resolve_options(parse("/m")))
+    keyed = cli.build_settings(serve_options.resolve_options(parse("/m", "--operator-key", "k")))
     assert not cli.warn_if_open(settings, "127.0.0.1")
     assert not cli.warn_if_open(settings, "::1")
     assert not cli.warn_if_open(keyed, "0.0.0.0")
@@ -254,10 +263,12 @@ def test_config_file_unknown_key_is_named(tmp_path):
     [("4GiB", 4 * 2**30), ("512M", 512 * 2**20), ("1000", 1000), ("1.5k", 1536)],
 )
 def test_parse_size(value, expected):
-    assert cli.parse_size(value) == expected
+    assert serve_options.parse_size(value) == expected
 
 
 def test_served_name():
-    assert cli.served_name("/a/b/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct"
-    assert cli.served_name("/a/b/model.gguf") == "model"
-    assert cli.served_name("/ckpt/Llama-3.2-1B/") == "Llama-3.2-1B"
+    assert (
+        serve_options.served_name("/a/b/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct"
+    )
+    assert serve_options.served_name("/a/b/model.gguf") == "model"
+    assert serve_options.served_name("/ckpt/Llama-3.2-1B/") == "Llama-3.2-1B"

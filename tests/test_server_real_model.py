@@ -12,7 +12,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from fleetserve.server.launcher import ReplicaProcess
+from fleetserve.testing.launcher import ReplicaProcess
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 

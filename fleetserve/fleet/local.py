@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from typing import IO
 import httpx
 
 from fleetserve.fleet.backend import FleetBackend, ReplicaHandle
+from fleetserve.fleet.process import signal_group
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +100,12 @@ class LocalBackend(FleetBackend):
         proc: subprocess.Popen = handle.native
         if proc.poll() is not None:
             return
-        _signal_group(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.to_thread(proc.wait), grace_s)
         except TimeoutError:
             logger.warning("replica %d did not stop in %.0fs; killing it", handle.index, grace_s)
-        _signal_group(proc.pid, signal.SIGKILL)  # its engine core too, whatever is left
+        signal_group(proc.pid, signal.SIGKILL)  # its engine core too, whatever is left
         await asyncio.to_thread(proc.wait)
 
 
@@ -121,10 +121,3 @@ def _pass_through(stream: IO[bytes], tail: deque[str]) -> None:
                     out.flush()
                 except (OSError, ValueError):  # our stderr is gone; keep draining the pipe
                     out = None
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass

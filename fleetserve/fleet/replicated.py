@@ -1,5 +1,6 @@
-"""`fleetserve serve MODEL --replicas N`: N replica processes on free loopback ports, a
-gateway on the public port, supervision, and a clean stop on SIGTERM.
+"""`fleetserve serve MODEL --replicas N` (`fleetserve.cli` sends it here): N replica
+processes on free loopback ports, a gateway on the public port, supervision, and a clean
+stop on SIGTERM.
 
 Each replica is started from a config file written for it, not from a filtered command
 line: the resolved serve options (defaults < --config file < command line) minus the
@@ -40,19 +41,15 @@ from fleetserve.fleet.supervisor import DEFAULT_MAX_FAILURES, Supervisor
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.cli import quiet_http_client_logs
 from fleetserve.gateway.gateway import Gateway
-from fleetserve.gateway.options import (
-    OPERATOR_KEY_ENV,
-    add_gateway_arguments,
-    api_keys_from_args,
-    config_from_args,
-)
-from fleetserve.gateway.serve import bind, run, serve_app
+from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
+from fleetserve.gateway.serve import run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
+from fleetserve.http.sockets import bind
 from fleetserve.http_limits import HttpLimits
+from fleetserve.options import API_KEY_ENV, OPERATOR_KEY_ENV, default_model, resolve_options
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "FLEETSERVE_API_KEY"  # what `fleetserve serve` reads its key from
 # Serve options the fleet consumes: never written into a replica's config. (The fleet's
 # and the gateway's own flags are not serve options, so they never get there either.)
 FLEET_OPTIONS = frozenset({"host", "port", "api_key", "operator_key"})
@@ -124,8 +121,6 @@ class ReplicaConfigs:
 
 def run_replicated(args: argparse.Namespace) -> int:
     """Entry point for `fleetserve serve --replicas N` (N >= 2). Returns the exit code."""
-    from fleetserve.server.cli import default_model, resolve_options
-
     quiet_http_client_logs()
     try:
         options = resolve_options(args)
@@ -254,27 +249,3 @@ async def _load_tokenizer(gw: Gateway, path: str, files: TokenizerFiles) -> None
         logger.warning("no gateway tokenizer (%s): routing without prompt prefixes", exc)
     except Exception:  # a broken tokenizer must not take the fleet down
         logger.exception("could not load the gateway tokenizer")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m fleetserve.fleet.replicated serve MODEL --replicas N ...`: the same as
-    `fleetserve serve ... --replicas N`, whether or not the serve command registers the
-    fleet's options itself."""
-    from fleetserve.cli import build_parser
-
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
-    serve = next(
-        a.choices["serve"] for a in parser._actions if isinstance(a, argparse._SubParsersAction)
-    )
-    if not any(action.dest == "replicas" for action in serve._actions):
-        add_replicated_arguments(serve)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run_replicated(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -48,6 +48,9 @@ def create_app(gw: Gateway) -> FastAPI:
         redirect_slashes=False,
     )
     app.state.gateway = gw
+    # Raised by the routes below (authentication, bad admin requests); the generate routes
+    # render their own, with the request id.
+    app.add_exception_handler(HttpError, lambda _, err: err.response())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -69,10 +72,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        try:
-            authenticate(gw, request)
-        except HttpError as err:
-            return err.response()
+        authenticate(gw, request)
         ids = sorted({m for r in gw.replicas.values() for m in r.model_ids})
         data = [{"id": m, "object": "model", "owned_by": "fleetserve"} for m in ids]
         return JSONResponse({"object": "list", "data": data})
@@ -88,42 +88,27 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        try:
-            authenticate_operator(gw, request, admin_api=False)
-        except HttpError as err:
-            return err.response()
+        authenticate_operator(gw, request, admin_api=False)
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> Response:
-        try:
-            authenticate_operator(gw, request, admin_api=False)
-        except HttpError as err:
-            return err.response()
+        authenticate_operator(gw, request, admin_api=False)
         return JSONResponse(app.openapi())
 
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> Response:
-        try:
-            authenticate_operator(gw, request, admin_api=False)
-        except HttpError as err:
-            return err.response()
+        authenticate_operator(gw, request, admin_api=False)
         return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> Response:
-        try:
-            authenticate_operator(gw, request, admin_api=False)
-        except HttpError as err:
-            return err.response()
+        authenticate_operator(gw, request, admin_api=False)
         return get_redoc_html(openapi_url="/openapi.json", title=app.title)
 
     @app.get("/admin/replicas")
     async def list_replicas(request: Request) -> Response:
-        try:
-            authenticate_operator(gw, request, admin_api=True)
-        except HttpError as err:
-            return err.response()
+        authenticate_operator(gw, request, admin_api=True)
         return JSONResponse([_describe(gw, gw.replicas[k]) for k in sorted(gw.replicas)])
 
     @app.post("/admin/replicas")
@@ -141,34 +126,29 @@ def create_app(gw: Gateway) -> FastAPI:
                 raise ValueError("'api_key' must be a string")
             kind = ReplicaKind(body.get("kind", "fleetserve"))
             replica = gw.add_replica(body["url"], kind, trusted=False, api_key=api_key)
-        except HttpError as err:
-            return err.response()
         except (ValueError, TypeError) as exc:
-            return HttpError(
+            raise HttpError(
                 400,
                 f"expected {{'url': 'http://HOST:PORT', 'kind': 'fleetserve' | 'openai', "
                 f"'api_key': optional}}: {exc}",
                 "invalid_request_error",
-            ).response()
+            ) from None
         return JSONResponse(_describe(gw, replica), 201)
 
     @app.post("/admin/replicas/{replica_id}/{action}")
     async def replica_action(replica_id: str, action: str, request: Request) -> Response:
-        try:
-            authenticate_operator(gw, request, admin_api=True)
-            replica = _replica_of(gw, replica_id)
-            if action == "drain":
-                gw.set_draining(replica.id, True)
-            elif action == "undrain":
-                gw.set_draining(replica.id, False)
-            elif action == "remove":
-                gw.remove_replica(replica.id)
-            else:
-                raise HttpError(
-                    404, f"unknown action {action!r} (drain, undrain, remove)", "not_found_error"
-                )
-        except HttpError as err:
-            return err.response()
+        authenticate_operator(gw, request, admin_api=True)
+        replica = _replica_of(gw, replica_id)
+        if action == "drain":
+            gw.set_draining(replica.id, True)
+        elif action == "undrain":
+            gw.set_draining(replica.id, False)
+        elif action == "remove":
+            gw.remove_replica(replica.id)
+        else:
+            raise HttpError(
+                404, f"unknown action {action!r} (drain, undrain, remove)", "not_found_error"
+            )
         return JSONResponse(_describe(gw, replica))
 
     return app

@@ -10,8 +10,9 @@ from fleetserve.gateway.app import create_app
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
 from fleetserve.gateway.replica import ReplicaKind, check_replica_url
-from fleetserve.gateway.serve import bind, run, serve_app
+from fleetserve.gateway.serve import run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
+from fleetserve.http.sockets import bind
 from fleetserve.http_limits import HttpLimits, add_http_limit_arguments
 
 logger = logging.getLogger(__name__)

@@ -70,6 +70,10 @@ class DispatchQueue(Generic[T]):
         entry.removed = True
         return True
 
+    def items(self) -> list[T]:
+        """The waiters, in no particular order."""
+        return [e.item for e in self._entries.values()]
+
     def ahead_of(self, rank: int) -> int:
         """How many waiters a newcomer of `rank` would wait behind."""
         return sum(1 for e in self._entries.values() if e.rank <= rank)

@@ -1,24 +1,19 @@
-"""`Gateway`: the replica table and the dispatcher that hands out replica slots.
+"""`Gateway`: the replica table and the asyncio shell around the `Dispatcher`.
 
-Fresh requests take a slot on a replica the policy picks (`acquire`), waiting in the bounded
-priority queue while every replica is full. Retries and migrations skip the queue and the
-slot limit (`route_now`): they hold the client's place already. Every request ends with
-`release`, which passes the outcome to the replica's circuit breaker and wakes the queue.
-Background tasks per replica: the active prober and, for fleetserve replicas, the KV-event
-subscriber (see `health` and `kv_events`).
+The dispatcher decides (route now, queue, shed, grant on release); this shell does the
+waiting: a queued request awaits a future that a later `release` or `notify_changed`
+resolves. Retries and migrations skip the queue and the slot limit (`route_now`). Every
+request ends with `release`. Background tasks per replica: the active prober and, for
+fleetserve replicas, the KV-event subscriber (see `health` and `kv_events`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import enum
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -27,15 +22,26 @@ from fleetserve.gateway.admission import AdmissionController
 from fleetserve.gateway.api_keys import ApiKeyStore
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.context import RequestContext
-from fleetserve.gateway.dispatch_queue import DispatchQueue, QueueFull
+from fleetserve.gateway.dispatcher import (
+    DISPLACED,
+    NO_REPLICA,
+    Dispatcher,
+    Grant,
+    Outcome,
+    Queued,
+    Refused,
+    Routed,
+    Ticket,
+)
+from fleetserve.gateway.health import probe_loop
+from fleetserve.gateway.kv_events import kv_event_loop
 from fleetserve.gateway.metrics import GatewayMetrics
-from fleetserve.gateway.policies import make_policy
 from fleetserve.gateway.replica import Replica, ReplicaKind, ReplicaView
 from fleetserve.gateway.retry_budget import RetryBudget
 from fleetserve.gateway.route_request import RouteRequest
-from fleetserve.gateway.router import Router
 from fleetserve.gateway.tokenizer import PromptTokenizer
-from fleetserve.gateway.wait_estimator import WaitEstimator
+
+__all__ = ["DeadlineExceeded", "Gateway", "NoReplica", "Outcome", "Shed"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +63,10 @@ class DeadlineExceeded(Exception):
     """The request's own deadline (X-Request-Timeout) passed before its first byte (504)."""
 
 
-class Outcome(enum.Enum):
-    SUCCESS = "success"  # the replica did its part
-    FAILURE = "failure"  # the replica failed: counts towards opening its circuit
-    NEUTRAL = "neutral"  # no verdict (client left, request invalid)
-
-
-@dataclass(eq=False)
-class Ticket:
-    request: RouteRequest
-    deadline: float | None
-    future: asyncio.Future = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+def _refusal(refused: Refused) -> Exception:
+    if refused.reason == NO_REPLICA:
+        return NoReplica("no replica became ready in time")
+    return Shed(refused.reason, refused.retry_after_s)
 
 
 class Gateway:
@@ -90,18 +87,19 @@ class Gateway:
         self.set_tokenizer(tokenizer)
         self.clock = clock
         self._internal_key = upstream_api_key
-        self.router = Router(
-            make_policy(config.router, config.seed), config.max_outstanding_per_replica
-        )
         self.admission = AdmissionController()
         self.retry_budget = RetryBudget(config.retry_budget_percent, config.retry_min_concurrency)
-        self.queue: DispatchQueue[Ticket] = DispatchQueue(config.max_queue)
-        self.waits = WaitEstimator()
+        self.dispatcher = Dispatcher(config)
+        # The dispatcher's own objects, under the names the rest of the gateway reads.
+        self.replicas: dict[str, Replica] = self.dispatcher.replicas
+        self.router = self.dispatcher.router
+        self.queue = self.dispatcher.queue
+        self.waits = self.dispatcher.waits
+        self._waiters: dict[Ticket, asyncio.Future[Replica]] = {}
         self.metrics = GatewayMetrics()
         self.metrics.watch_replicas(
             lambda: list(self.replicas.values()), clock, lambda: len(self.queue)
         )
-        self.replicas: dict[str, Replica] = {}
         self.client: httpx.AsyncClient | None = None
         self._ids = itertools.count()
         self._tasks: dict[str, list[asyncio.Task]] = {}
@@ -202,81 +200,68 @@ class Gateway:
         self.notify_changed()
 
     def _start_tasks(self, replica: Replica) -> None:
-        from fleetserve.gateway.health import probe_loop
-        from fleetserve.gateway.kv_events import kv_event_loop
-
-        tasks = [asyncio.create_task(probe_loop(self, replica), name=f"probe-{replica.id}")]
+        probe = probe_loop(
+            replica,
+            self.client,
+            interval_s=self.config.probe_interval_s,
+            timeout_s=self.config.probe_timeout_s,
+            clock=self.clock,
+            on_change=self.notify_changed,
+        )
+        tasks = [asyncio.create_task(probe, name=f"probe-{replica.id}")]
         if replica.supports_extensions:
-            tasks.append(asyncio.create_task(kv_event_loop(self, replica), name=f"kv-{replica.id}"))
+            kv = kv_event_loop(replica, self.client)
+            tasks.append(asyncio.create_task(kv, name=f"kv-{replica.id}"))
         self._tasks[replica.id] = tasks
 
     def views(self, now: float) -> list[ReplicaView]:
-        return [r.view(now) for r in self.replicas.values()]
+        return self.dispatcher.views(now)
 
     def any_accepting(self) -> bool:
-        now = self.clock()
-        return any(v.accepting for v in self.views(now))
+        return self.dispatcher.any_accepting(self.clock())
 
     def notify_changed(self) -> None:
         """A replica may have become usable: serve the queue, wake waiting retries."""
-        self._pump()
+        self._hand_out(self.dispatcher.grant(self.clock()))
         self._changed.set()
 
     # ---- dispatch ----------------------------------------------------------------------------
 
-    def _try_route(self, request: RouteRequest, ignore_capacity: bool) -> Replica | None:
-        now = self.clock()
-        view = self.router.route(request, self.views(now), now, ignore_capacity)
-        if view is None:
-            return None
-        replica = self.replicas[view.id]
-        replica.outstanding += 1
-        replica.prefilling[request.request_id] = request.uncached_tokens(view.prefix)
-        replica.breaker.on_dispatch(now)
-        self.metrics.routed.labels(self.config.router, replica.id).inc()
-        return replica
-
     async def acquire(self, request: RouteRequest, deadline: float | None) -> Replica:
         """A slot for a fresh request. Raises `Shed` when the queue is full or the predicted
-        wait passes the deadline, and when the deadline passes while it waits."""
-        if not len(self.queue):
-            replica = self._try_route(request, ignore_capacity=False)
-            if replica is not None:
-                return replica
+        wait passes the deadline, and when the deadline passes while it waits; `NoReplica`
+        when no replica accepts work by then."""
         now = self.clock()
-        ahead = self.queue.ahead_of(request.priority_rank)
-        slots = self.router.total_slots(self.views(now))
-        predicted = self.waits.predict_wait(ahead, slots)
-        if deadline is not None and now + predicted > deadline:
-            retry = predicted if math.isfinite(predicted) else self.config.breaker_cooldown_s
-            raise Shed("predicted_wait", retry)
-        ticket = Ticket(request, deadline)
-        try:
-            displaced = self.queue.push(ticket, request.priority_rank)
-        except QueueFull:
-            raise Shed("queue_full", predicted if math.isfinite(predicted) else 1.0) from None
-        if displaced is not None and not displaced.future.done():
-            displaced.future.set_exception(Shed("displaced", 1.0))
-        limit = self.config.first_chunk_timeout_s if deadline is None else deadline - now
+        decision = self.dispatcher.submit(request, deadline, now)
+        if isinstance(decision, Routed):
+            self._count(decision.replica)
+            return decision.replica
+        if isinstance(decision, Refused):
+            raise _refusal(decision)
+        assert isinstance(decision, Queued)
+        ticket = decision.ticket
+        if decision.displaced is not None:
+            self._refuse(decision.displaced, DISPLACED)
+        future = asyncio.get_running_loop().create_future()
+        ticket.gone = future.done
+        self._waiters[ticket] = future
         granted = False
         try:
-            async with asyncio.timeout(max(limit, 0.0)):
-                replica = await ticket.future
+            async with asyncio.timeout(max(ticket.expires_at - now, 0.0)):
+                replica = await future
             granted = True
             return replica
         except TimeoutError:
-            if _granted(ticket.future):  # just as the deadline passed
+            if _granted(future):  # just as the deadline passed
                 granted = True
-                return ticket.future.result()
-            if not self.any_accepting():
-                raise NoReplica("no replica became ready in time") from None
-            retry = self.waits.predict_wait(len(self.queue), max(slots, 1))
-            raise Shed("deadline", retry) from None
+                return future.result()
+            raise _refusal(self.dispatcher.expire(ticket, self.clock())) from None
         finally:
-            self.queue.remove(ticket)
+            self.dispatcher.withdraw(ticket)
+            del self._waiters[ticket]
             self.metrics.queue_wait.observe(self.clock() - now)
-            if not granted and _granted(ticket.future):  # the waiter was cancelled
-                self.release(ticket.future.result(), Outcome.NEUTRAL, None, request.request_id)
+            if not granted and _granted(future):  # the waiter was cancelled
+                self.release(future.result(), Outcome.NEUTRAL, None, request.request_id)
 
     async def route_now(self, request: RouteRequest, deadline: float | None) -> Replica:
         """A replica for a retry or a migration, waiting up to `replica_wait_s` (and the
@@ -284,11 +269,9 @@ class Gateway:
         limit = self.config.replica_wait_s
         end = self.clock() + limit if deadline is None else min(self.clock() + limit, deadline)
         while True:
-            replica = self._try_route(request, ignore_capacity=True)
-            if replica is None and request.exclude:
-                bare = dataclasses.replace(request, exclude=frozenset())
-                replica = self._try_route(bare, ignore_capacity=True)
+            replica = self.dispatcher.route_now(request, self.clock())
             if replica is not None:
+                self._count(replica)
                 return replica
             remaining = end - self.clock()
             if remaining <= 0:
@@ -299,6 +282,19 @@ class Gateway:
                     await self._changed.wait()
             except TimeoutError:
                 pass
+
+    def _hand_out(self, grants: list[Grant]) -> None:
+        for grant in grants:
+            self._count(grant.replica)
+            self._waiters[grant.ticket].set_result(grant.replica)
+
+    def _refuse(self, ticket: Ticket, refused: Refused) -> None:
+        future = self._waiters.get(ticket)
+        if future is not None and not future.done():
+            future.set_exception(_refusal(refused))
+
+    def _count(self, replica: Replica) -> None:
+        self.metrics.routed.labels(self.config.router, replica.id).inc()
 
     # ---- retries -----------------------------------------------------------------------------
 
@@ -336,31 +332,8 @@ class Gateway:
         held_s: float | None = None,
         request_id: str | None = None,
     ) -> None:
-        now = self.clock()
-        replica.outstanding = max(replica.outstanding - 1, 0)
-        if request_id is not None:
-            replica.prefilling.pop(request_id, None)
-        if outcome is Outcome.SUCCESS:
-            replica.breaker.record_success(now)
-            if held_s is not None:
-                self.waits.observe(held_s)
-        elif outcome is Outcome.FAILURE:
-            replica.breaker.record_failure(now)
-        else:
-            replica.breaker.record_neutral(now)
-        self._pump()
-
-    def _pump(self) -> None:
-        while len(self.queue):
-            ticket = self.queue.peek()
-            if ticket.future.done():
-                self.queue.pop()
-                continue
-            replica = self._try_route(ticket.request, ignore_capacity=False)
-            if replica is None:
-                return
-            self.queue.pop()
-            ticket.future.set_result(replica)
+        grants = self.dispatcher.release(replica, outcome, self.clock(), held_s, request_id)
+        self._hand_out(grants)
 
 
 def _granted(future: asyncio.Future) -> bool:

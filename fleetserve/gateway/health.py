@@ -11,36 +11,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetserve.gateway.replica import LoadStats, Replica
 
-if TYPE_CHECKING:
-    from fleetserve.gateway.gateway import Gateway
-
 logger = logging.getLogger(__name__)
 
 PROBE_PROMPT = "Hello"
 
 
-async def probe_loop(gw: Gateway, replica: Replica) -> None:
+async def probe_loop(
+    replica: Replica,
+    client: httpx.AsyncClient,
+    *,
+    interval_s: float,
+    timeout_s: float,
+    clock: Callable[[], float],
+    on_change: Callable[[], None],
+) -> None:
+    """Probe `replica` every `interval_s` until cancelled; see `probe_once`."""
     while True:
         try:
-            await probe_once(gw, replica)
+            await probe_once(replica, client, timeout_s, clock, on_change)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here must not silence the probes
             logger.exception("probe of replica %s crashed", replica.id)
-        await asyncio.sleep(gw.config.probe_interval_s)
+        await asyncio.sleep(interval_s)
 
 
-async def probe_once(gw: Gateway, replica: Replica) -> bool:
-    """Probe now; updates `replica.ready`, its breaker and its load. Returns the verdict."""
-    client = gw.client
-    timeout = gw.config.probe_timeout_s
+async def probe_once(
+    replica: Replica,
+    client: httpx.AsyncClient,
+    timeout: float,
+    clock: Callable[[], float],
+    on_change: Callable[[], None],
+) -> bool:
+    """Probe now; updates `replica.ready`, its breaker and its load, then calls `on_change`
+    (the replica may have become usable). Returns the verdict."""
     ok, why = False, ""
     auth = replica.auth_headers
     try:
@@ -70,7 +81,7 @@ async def probe_once(gw: Gateway, replica: Replica) -> bool:
         why = f"no answer within {timeout:.1f}s"
     except (_NotReady, httpx.HTTPError, ValueError, KeyError) as exc:
         why = str(exc) or type(exc).__name__
-    now = gw.clock()
+    now = clock()
     was_ready = replica.ready
     if ok:
         replica.ready = True
@@ -86,7 +97,7 @@ async def probe_once(gw: Gateway, replica: Replica) -> bool:
     if was_ready != replica.ready:
         level = logging.INFO if replica.ready else logging.WARNING
         logger.log(level, "replica %s %s%s", replica.id, "ready" if ok else "not ready: ", why)
-    gw.notify_changed()
+    on_change()
     return ok
 
 

@@ -9,15 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING
 
 import httpx
 
 from fleetserve.gateway.replica import Replica
-from fleetserve.gateway.sse import iter_sse_data
-
-if TYPE_CHECKING:
-    from fleetserve.gateway.gateway import Gateway
+from fleetserve.http.sse import iter_sse_data
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +21,14 @@ RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 5.0
 
 
-async def kv_event_loop(gw: Gateway, replica: Replica) -> None:
+async def kv_event_loop(replica: Replica, client: httpx.AsyncClient) -> None:
+    """Follow `replica`'s KV events into `replica.prefix` until cancelled, reconnecting
+    with backoff."""
     delay = RECONNECT_MIN_S
     while True:
         try:
             url = f"{replica.url}/v1/kv_events"
-            async with gw.client.stream("GET", url, headers=replica.auth_headers) as resp:
+            async with client.stream("GET", url, headers=replica.auth_headers) as resp:
                 if resp.status_code == 404:
                     logger.warning(
                         "replica %s publishes no KV events; prefix routing is blind to it",

@@ -20,6 +20,7 @@ from fleetserve.gateway.api_keys import (
 )
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.policies import POLICIES
+from fleetserve.options import OPERATOR_KEY_ENV
 
 # dest -> GatewayConfig field, for the flags of `fleetserve gateway`
 TUNING_FLAGS = {
@@ -39,7 +40,6 @@ TUNING_FLAGS = {
     "retry_budget_percent": (float, "retries in flight, as a %% of requests in flight (20)"),
     "retry_min_concurrency": (int, "retries in flight always allowed (default 3)"),
 }
-OPERATOR_KEY_ENV = "FLEETSERVE_OPERATOR_KEY"
 _SECRETS = {"operator_key"}  # YAML keys read here that are not GatewayConfig fields
 _FIELD = {
     "stall_timeout": "stall_timeout_s",

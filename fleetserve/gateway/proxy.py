@@ -23,9 +23,10 @@ from fleetserve.gateway.gateway import DeadlineExceeded, Gateway, NoReplica, Out
 from fleetserve.gateway.replica import Replica
 from fleetserve.gateway.request_body import BodyShape, InvalidBody, charged_tokens, check_body
 from fleetserve.gateway.route_request import RouteRequest
-from fleetserve.gateway.sse import error_body
 from fleetserve.gateway.stream import StreamSession, failure_status
 from fleetserve.gateway.upstream import UpstreamError, post_json
+from fleetserve.http.disconnect import ClientDisconnected, unless_disconnected
+from fleetserve.http.errors import error_body
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class HttpError(Exception):
         if request_id:
             headers["X-Request-Id"] = request_id
         return JSONResponse(
-            error_body(str(self), self.err_type, self.status), self.status, headers=headers
+            error_body(str(self), self.err_type, code=self.status), self.status, headers=headers
         )
 
 
@@ -264,8 +265,8 @@ async def _stream(gw: Gateway, ctx: RequestContext, request: Request) -> Respons
     session = StreamSession(gw, ctx)
     try:
         # A client that leaves while its request waits for a slot leaves the queue at once.
-        first = await _unless_disconnected(request, session.open())
-    except _ClientGone:
+        first = await unless_disconnected(request, session.open())
+    except ClientDisconnected:
         gw.request_ended(ctx)
         gw.metrics.disconnects.inc()
         return Response(status_code=499)
@@ -318,10 +319,6 @@ def _failure_response(
     )
 
 
-class _ClientGone(Exception):
-    pass
-
-
 async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response:
     """A non-streamed request: retried whole on another replica while it fails (nothing was
     sent to the client yet, and greedy answers do not change)."""
@@ -330,7 +327,7 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
     retries = 0
     try:
         # A client that leaves while its request waits for a slot leaves the queue at once.
-        replica = await _unless_disconnected(request, gw.acquire(ctx.route, ctx.deadline))
+        replica = await unless_disconnected(request, gw.acquire(ctx.route, ctx.deadline))
         while True:
             started = gw.clock()
             remaining = ctx.remaining(started)
@@ -343,7 +340,7 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
                 timeout,
             )
             try:
-                resp = await _unless_disconnected(request, call)
+                resp = await unless_disconnected(request, call)
             except UpstreamError as exc:
                 # A timeout the client's own deadline caused is not the replica's failure.
                 remaining = ctx.remaining(gw.clock())
@@ -376,7 +373,7 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
                 media_type="application/json",
                 headers={"X-Request-Id": ctx.request_id},
             )
-    except _ClientGone:
+    except ClientDisconnected:
         status = "499"
         gw.metrics.disconnects.inc()
         return Response(status_code=499)
@@ -398,27 +395,3 @@ def _usage_tokens(resp) -> int | None:
         return int(usage["total_tokens"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-async def _unless_disconnected(request: Request, call):
-    """Await `call` unless the client disconnects first (then cancel it: closing the
-    upstream connection aborts the request on the replica)."""
-    task = asyncio.ensure_future(call)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        raise _ClientGone
-    finally:
-        for t in (task, watcher):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -29,17 +29,6 @@ class _Server(uvicorn.Server):
         yield  # signals are the caller's (see `serve_app`)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: any free one), bound before anything slow starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 async def serve_app(
     app: FastAPI,
     sock: socket.socket,

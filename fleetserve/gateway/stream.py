@@ -28,9 +28,10 @@ import anyio
 from fleetserve.gateway.context import RequestContext
 from fleetserve.gateway.gateway import DeadlineExceeded, Gateway, NoReplica, Outcome, Shed
 from fleetserve.gateway.replica import Replica
-from fleetserve.gateway.sse import DONE_EVENT, encode_event, error_body
 from fleetserve.gateway.stream_state import StreamState
 from fleetserve.gateway.upstream import UpstreamError, UpstreamStream, open_stream
+from fleetserve.http.errors import error_body
+from fleetserve.http.sse import DONE_EVENT, encode_event
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class StreamSession:
     def _fail(self, message: str, err_type: str, code: int) -> list[bytes]:
         """End the stream with an error event (the status is 200 already)."""
         logger.warning("request %s: %s", self.ctx.request_id, message)
-        return self._end_with(error_body(message, err_type, code), str(code))
+        return self._end_with(error_body(message, err_type, code=code), str(code))
 
     def _end_with(self, error: dict, status: str) -> list[bytes]:
         self.status = status

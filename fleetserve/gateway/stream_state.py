@@ -25,8 +25,8 @@ from fleetserve.gateway.continuation import (
     usage_chunk,
     usage_of,
 )
-from fleetserve.gateway.sse import DONE, DONE_EVENT, encode_event
 from fleetserve.gateway.upstream import UpstreamError, error_payload, stream_error
+from fleetserve.http.sse import DONE, DONE_EVENT, encode_event
 
 
 class StreamState:

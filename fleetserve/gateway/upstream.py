@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from fleetserve.gateway.sse import iter_sse_data
+from fleetserve.http.sse import iter_sse_data
 
 MAX_ERROR_BODY = 64 * 1024
 

@@ -8,12 +8,12 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from fleetserve.engine.outputs import CompletionOutput, RequestOutput
+from fleetserve.http.disconnect import ClientDisconnected
 from fleetserve.server import inputs, limits
 from fleetserve.server.logprobs import chat_logprobs
 from fleetserve.server.protocol import ChatCompletionRequest
 from fleetserve.server.serving import Generation
 from fleetserve.server.state import ServerState
-from fleetserve.server.streaming import ClientDisconnected
 
 
 async def create_chat_completion(

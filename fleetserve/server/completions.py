@@ -8,12 +8,12 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from fleetserve.engine.outputs import CompletionOutput, RequestOutput
+from fleetserve.http.disconnect import ClientDisconnected
 from fleetserve.server import inputs, limits
 from fleetserve.server.logprobs import completion_logprobs
 from fleetserve.server.protocol import CompletionRequest
 from fleetserve.server.serving import Generation
 from fleetserve.server.state import ServerState
-from fleetserve.server.streaming import ClientDisconnected
 
 
 async def create_completion(req: CompletionRequest, raw: Request, state: ServerState) -> Response:

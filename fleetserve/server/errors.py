@@ -11,19 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-logger = logging.getLogger(__name__)
+from fleetserve.http import errors as http_errors
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "internal_error",
-    503: "service_unavailable_error",
-}
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -49,9 +39,11 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None):
-    error_type = _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict:
+    """The body of an error with HTTP `status` (its OpenAI type follows from it)."""
+    return http_errors.error_body(message, http_errors.error_type(status), param, code)
 
 
 def error_response(error: APIError) -> JSONResponse:

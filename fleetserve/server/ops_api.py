@@ -4,7 +4,6 @@ stream (for the gateway's router), which need --operator-key once any key is con
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -12,9 +11,9 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from fleetserve.http.sse import SSE_HEADERS, sse_event
 from fleetserve.server.errors import APIError, error_response
 from fleetserve.server.state import ServerState, get_state, require_operator_key
-from fleetserve.server.streaming import SSE_HEADERS
 
 State = Annotated[ServerState, Depends(get_state)]
 
@@ -66,7 +65,7 @@ async def kv_events(state: State, token_ids: bool = False) -> StreamingResponse:
                 if not token_ids:
                     batch = [{k: v for k, v in e.items() if k != "token_ids"} for e in batch]
                 body = {"block_size": block_size, "events": batch}
-                yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+                yield sse_event(body)
         finally:
             sub.close()
 

@@ -46,18 +46,6 @@ class ReplicaServer(uvicorn.Server):
             self.should_exit = True
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind and listen now, so that port 0 resolves to a real port before the server starts
-    and clients that connect early wait instead of being refused."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
-    sock.set_inheritable(True)
-    return sock
-
-
 def serve(
     settings: ServerSettings,
     sock: socket.socket,

@@ -1,26 +1,20 @@
-"""Server-sent events, and the plumbing between HTTP requests and engine streams."""
+"""The plumbing between HTTP requests and engine streams. Server-sent events and "stop
+unless the client left" are `fleetserve.http`'s, shared with the gateway; they are imported
+here under the names the routes use."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from fastapi import Request
+from fleetserve.http.disconnect import ClientDisconnected, unless_disconnected
+from fleetserve.http.sse import SSE_DONE, SSE_HEADERS
+from fleetserve.http.sse import sse_event as sse
+
+__all__ = ["SSE_DONE", "SSE_HEADERS", "ClientDisconnected", "merge", "sse", "unless_disconnected"]
 
 T = TypeVar("T")
-
-SSE_DONE = "data: [DONE]\n\n"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
-class ClientDisconnected(Exception):
-    pass
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
@@ -56,24 +50,3 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
     finally:
         for task in tasks:
             task.cancel()
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client goes away first (a non-streaming request
-    otherwise keeps generating for nobody)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        raise ClientDisconnected()
-    finally:
-        for t in (task, watcher):
-            if not t.done():
-                t.cancel()
-
-
-async def _disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

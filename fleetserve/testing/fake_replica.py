@@ -8,14 +8,13 @@ gives a real model. It keeps a real prefix cache of hashed blocks (LRU, KV event
 and evict) and charges `prefill_s_per_token` for every uncached prompt token, so routing
 with and without prefix awareness differs measurably. `POST /fake/control` injects failures.
 
-    python -m fleetserve.fleet.fake_replica --port 8101 --token-delay 0.01
+    python -m fleetserve.testing.fake_replica --port 8101 --token-delay 0.01
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -30,6 +29,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fleetserve.engine.block_hash import hash_block_chain
 from fleetserve.engine.detokenizer import IncrementalDetokenizer
+from fleetserve.http.disconnect import ClientDisconnected, unless_disconnected
+from fleetserve.http.sse import DONE_EVENT, encode_event
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ class FakeReplica:
                     yield b": subscribed\n\n"
                     while True:
                         batch = await queue.get()
-                        yield f"data: {json.dumps(batch)}\n\n".encode()
+                        yield encode_event(batch)
                 finally:
                     self.subscribers.discard(queue)
 
@@ -283,7 +284,9 @@ class FakeReplica:
                     text += delta
                     finish = last
 
-            if not await _unless_disconnected(request, collect()):
+            try:
+                await unless_disconnected(request, collect())
+            except ClientDisconnected:
                 return Response(status_code=499)
             choice = {"index": 0, "finish_reason": finish}
             if chat:
@@ -327,13 +330,13 @@ class FakeReplica:
                     head["choices"][0]["prompt_token_ids"] = prompt_ids
                     head["choices"][0]["token_ids"] = []
                 first = False
-                yield _event(head)
+                yield encode_event(head)
             async for new, delta, finish in gen:
                 if self.s.error_after_tokens is not None and n >= self.s.error_after_tokens:
                     message = f"injected {self.s.error_code}"
                     error = {"message": message, "type": "internal_error", "param": None}
-                    yield _event({"error": {**error, "code": self.s.error_code}})
-                    yield b"data: [DONE]\n\n"
+                    yield encode_event({"error": {**error, "code": self.s.error_code}})
+                    yield DONE_EVENT
                     return
                 n += len(new)
                 choice = {"index": 0, "finish_reason": finish}
@@ -347,9 +350,9 @@ class FakeReplica:
                 if first and with_ids:
                     chunk["prompt_token_ids"] = prompt_ids
                 first = False
-                yield _event(chunk)
+                yield encode_event(chunk)
             if usage:
-                yield _event(
+                yield encode_event(
                     {
                         **common,
                         "object": obj,
@@ -361,29 +364,9 @@ class FakeReplica:
                         },
                     }
                 )
-            yield b"data: [DONE]\n\n"
+            yield DONE_EVENT
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
-
-
-async def _unless_disconnected(request: Request, work) -> bool:
-    """Run `work`; False (and `work` cancelled) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    for t in (task, watcher):
-        t.cancel()
-    await asyncio.gather(task, watcher, return_exceptions=True)
-    return task in done and not task.cancelled()
-
-
-def _event(obj: dict) -> bytes:
-    return f"data: {json.dumps(obj)}\n\n".encode()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
-"""Start `fleetserve serve` as a child process and wait for it: for tests, benchmarks and
-the local fleet backend. The replica picks a free port (--port 0) and prints its URL."""
+"""Start `fleetserve serve` as a child process and wait for it (tests and benchmarks).
+The replica picks a free port (--port 0) and prints its URL."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from fleetserve.fleet.process import signal_group
+
 LISTENING = "fleetserve: listening on "
 READY = "fleetserve: ready: "
 
@@ -27,11 +29,11 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
     SIGKILL to the whole group if it has not exited within `grace_s`."""
     if proc.poll() is not None:
         return
-    os.killpg(proc.pid, signal.SIGTERM)
+    signal_group(proc.pid, signal.SIGTERM)
     try:
         proc.wait(grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
 
 

@@ -1,0 +1,203 @@
+"""`Dispatcher`: which replica takes a request, and when. Pure: no asyncio, no real time, no
+I/O; every method takes `now` and returns a decision. The asyncio shell (`Gateway`) does the
+waiting; a simulator can drive the very same object on a virtual clock.
+
+A fresh request (`submit`) is routed at once to a replica with a free slot, queued with a
+ticket, or refused: the queue is full, or the predicted wait passes its deadline. Every
+routed request ends with `release`, which passes the outcome to the replica's circuit
+breaker and grants queued tickets the slots that freed. A ticket whose deadline passes
+before it is granted is `expire`d. Retries and migrations skip the queue and the slot limit
+(`route_now`): they hold the client's place already.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fleetserve.gateway.config import GatewayConfig
+from fleetserve.gateway.dispatch_queue import DispatchQueue, QueueFull
+from fleetserve.gateway.policies import make_policy
+from fleetserve.gateway.replica import Replica, ReplicaView
+from fleetserve.gateway.route_request import RouteRequest
+from fleetserve.gateway.router import Router
+from fleetserve.gateway.wait_estimator import WaitEstimator
+
+NO_REPLICA = "no_replica"  # `Refused.reason` when no replica accepts work at all
+
+
+class Outcome(enum.Enum):
+    SUCCESS = "success"  # the replica did its part
+    FAILURE = "failure"  # the replica failed: counts towards opening its circuit
+    NEUTRAL = "neutral"  # no verdict (client left, request invalid)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A queued request. `expires_at`: its deadline, or the first-chunk timeout when it has
+    none. `gone`: whether its holder stopped waiting (such a ticket is skipped, never
+    granted); the asyncio shell passes its future's `done`."""
+
+    request: RouteRequest
+    deadline: float | None
+    queued_at: float
+    expires_at: float
+    gone: Callable[[], bool] = field(default=lambda: False, repr=False)
+
+
+@dataclass(frozen=True)
+class Routed:
+    replica: Replica
+
+
+@dataclass(frozen=True)
+class Queued:
+    ticket: Ticket
+    displaced: Ticket | None = None  # a less urgent waiter it pushed out: refuse it
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Shed with 429 and this Retry-After: queue_full, predicted_wait, displaced,
+    deadline; or `NO_REPLICA` (503) when nothing accepts work."""
+
+    reason: str
+    retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A queued ticket got a slot on `replica` (the slot is taken already)."""
+
+    ticket: Ticket
+    replica: Replica
+
+
+DISPLACED = Refused("displaced", 1.0)
+
+
+class Dispatcher:
+    """Owns the replica table's routing state: the router, the priority queue and the wait
+    estimator. `replicas` is the live table (id -> Replica); its owner adds and removes
+    entries, this object only takes and gives back slots."""
+
+    def __init__(self, config: GatewayConfig, replicas: dict[str, Replica] | None = None) -> None:
+        self.config = config
+        self.replicas: dict[str, Replica] = {} if replicas is None else replicas
+        self.router = Router(
+            make_policy(config.router, config.seed), config.max_outstanding_per_replica
+        )
+        self.queue: DispatchQueue[Ticket] = DispatchQueue(config.max_queue)
+        self.waits = WaitEstimator()
+
+    def views(self, now: float) -> list[ReplicaView]:
+        return [r.view(now) for r in self.replicas.values()]
+
+    def any_accepting(self, now: float) -> bool:
+        return any(v.accepting for v in self.views(now))
+
+    # ---- decisions ---------------------------------------------------------------------------
+
+    def submit(
+        self, request: RouteRequest, deadline: float | None, now: float
+    ) -> Routed | Queued | Refused:
+        """A fresh request: a slot now if nobody is queued and one is free, else a ticket,
+        else refused (queue full, or the predicted wait passes `deadline`)."""
+        if not len(self.queue):
+            replica = self.route(request, now, ignore_capacity=False)
+            if replica is not None:
+                return Routed(replica)
+        ahead = self.queue.ahead_of(request.priority_rank)
+        predicted = self.waits.predict_wait(ahead, self.router.total_slots(self.views(now)))
+        if deadline is not None and now + predicted > deadline:
+            retry = predicted if math.isfinite(predicted) else self.config.breaker_cooldown_s
+            return Refused("predicted_wait", retry)
+        expires = now + self.config.first_chunk_timeout_s if deadline is None else deadline
+        ticket = Ticket(request, deadline, now, expires)
+        try:
+            displaced = self.queue.push(ticket, request.priority_rank)
+        except QueueFull:
+            return Refused("queue_full", predicted if math.isfinite(predicted) else 1.0)
+        return Queued(ticket, displaced)
+
+    def route_now(self, request: RouteRequest, now: float) -> Replica | None:
+        """A replica for a retry or a migration, past the slot limit and the queue; the
+        replicas it excludes are used only as a last resort. None: none accepts work."""
+        replica = self.route(request, now, ignore_capacity=True)
+        if replica is None and request.exclude:
+            bare = dataclasses.replace(request, exclude=frozenset())
+            replica = self.route(bare, now, ignore_capacity=True)
+        return replica
+
+    def route(self, request: RouteRequest, now: float, ignore_capacity: bool) -> Replica | None:
+        """Ask the router, and take a slot on the replica it picks."""
+        view = self.router.route(request, self.views(now), now, ignore_capacity)
+        if view is None:
+            return None
+        replica = self.replicas[view.id]
+        replica.outstanding += 1
+        replica.prefilling[request.request_id] = request.uncached_tokens(view.prefix)
+        replica.breaker.on_dispatch(now)
+        return replica
+
+    def release(
+        self,
+        replica: Replica,
+        outcome: Outcome,
+        now: float,
+        held_s: float | None = None,
+        request_id: str | None = None,
+    ) -> list[Grant]:
+        """A routed request ended: give back its slot, tell the breaker, and grant queued
+        tickets what freed. `held_s`: how long it held the slot (successes teach the wait
+        estimator)."""
+        replica.outstanding = max(replica.outstanding - 1, 0)
+        if request_id is not None:
+            replica.prefilling.pop(request_id, None)
+        if outcome is Outcome.SUCCESS:
+            replica.breaker.record_success(now)
+            if held_s is not None:
+                self.waits.observe(held_s)
+        elif outcome is Outcome.FAILURE:
+            replica.breaker.record_failure(now)
+        else:
+            replica.breaker.record_neutral(now)
+        return self.grant(now)
+
+    def grant(self, now: float) -> list[Grant]:
+        """Serve the queue, most urgent first, while replicas have free slots. Called after
+        `release` and whenever a replica may have become usable."""
+        grants = []
+        while len(self.queue):
+            ticket = self.queue.peek()
+            if ticket.gone():
+                self.queue.pop()
+                continue
+            replica = self.route(ticket.request, now, ignore_capacity=False)
+            if replica is None:
+                break
+            self.queue.pop()
+            grants.append(Grant(ticket, replica))
+        return grants
+
+    def expire(self, ticket: Ticket, now: float) -> Refused:
+        """`ticket` waited past `expires_at` without a slot: it leaves the queue, refused
+        with `NO_REPLICA` when nothing accepts work, else shed as `deadline`."""
+        if not self.any_accepting(now):
+            self.queue.remove(ticket)
+            return Refused(NO_REPLICA)
+        slots = self.router.total_slots(self.views(now))
+        retry = self.waits.predict_wait(len(self.queue), max(slots, 1))
+        self.queue.remove(ticket)
+        return Refused("deadline", retry)
+
+    def expired(self, now: float) -> list[Ticket]:
+        """Queued tickets whose `expires_at` has passed (for a driver without timers)."""
+        return [t for t in self.queue.items() if t.expires_at <= now]
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """Its holder stopped waiting (granted, cancelled or refused): out of the queue."""
+        self.queue.remove(ticket)
