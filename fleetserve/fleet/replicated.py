@@ -34,9 +34,8 @@ from typing import Any
 
 import yaml
 
-from fleetserve.fleet.backend import FleetBackend
+from fleetserve.fleet.backend import FLEET_BACKENDS, FleetBackend
 from fleetserve.fleet.backoff import RestartBackoff
-from fleetserve.fleet.local import LocalBackend
 from fleetserve.fleet.supervisor import DEFAULT_MAX_FAILURES, Supervisor
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.cli import quiet_http_client_logs
@@ -162,7 +161,8 @@ def run_replicated(args: argparse.Namespace) -> int:
                 "serve", "--config", str(configs.write(port))]  # fmt: skip
 
     gw = Gateway(config, api_keys, upstream_api_key=internal_key)
-    backend = LocalBackend(command, env, health_headers={"Authorization": f"Bearer {internal_key}"})
+    local = FLEET_BACKENDS.get("local")  # the only backend yet: Ray and Kubernetes come next
+    backend = local(command, env, health_headers={"Authorization": f"Bearer {internal_key}"})
     files = TokenizerFiles()
     try:
         failure = run(
