@@ -7,6 +7,7 @@ is served alongside or afterwards. Fake replicas run in threads of this process.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 import subprocess
@@ -609,8 +610,11 @@ def test_the_gateway_door_closes_slow_heads_and_refuses_huge_ones():
     port = free_port()
     gateway = subprocess.Popen(
         [sys.executable, "-m", "fleetserve.cli", "gateway", "--replica", fake.url,
-         "--port", str(port), "--header-timeout", "1", "--max-header-bytes", "4096"],
+         "--port", str(port), "--header-timeout", "1", "--max-header-bytes", "4096",
+         "--body-timeout", "1"],
         start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -643,15 +647,25 @@ def test_the_gateway_door_closes_slow_heads_and_refuses_huge_ones():
             assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:100]
             sock.close()
         huge.close()
+        # a body that never finishes: 408 after --body-timeout, and no traceback in the log
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt": '
+        )
+        data = _read_until_closed(slow, 10)
+        assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:100]
+        slow.close()
         assert httpx.post(f"{url}/v1/completions", json=BODY, timeout=10).status_code == 200
     finally:
         gateway.terminate()
         try:
-            gateway.wait(15)
+            _, log = gateway.communicate(timeout=15)
         except subprocess.TimeoutExpired:
             gateway.kill()
-            gateway.wait()
+            _, log = gateway.communicate()
         fake.stop()
+    assert "Traceback" not in log, log[-3000:]
 
 
 # ---- found by an outside attack on the merged fixes --------------------------------------------
@@ -814,5 +828,69 @@ def test_no_redirect_echoes_the_host_and_unknown_routes_answer_openai_errors():
         wrong_method = httpx.get(f"{door.url}/v1/completions")
         assert wrong_method.status_code == 405 and "error" in wrong_method.json()
         assert_ok(door)
+    finally:
+        door.close()
+
+
+def test_a_client_that_leaves_before_the_stream_starts_leaves_nothing_held():
+    """The first event is in, but the client left before the response started: Starlette
+    then never runs the body iterator, so its `finally` cannot release. The replica slot,
+    the upstream stream and the retry budget's count are still given back."""
+    door = Door(n=1)
+    try:
+        door.control(0, token_delay_s=0.05)
+        body = json.dumps({**BODY, "max_tokens": 50, "stream": True}).encode()
+        calls = 0
+
+        async def receive():
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return {"type": "http.request", "body": body, "more_body": False}
+            if calls == 2:  # the watcher while the stream opens: nothing yet
+                await asyncio.Event().wait()
+            return {"type": "http.disconnect"}  # once the response is about to start
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.start":  # the client is gone: never sent
+                await asyncio.Event().wait()
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+            "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "root_path": "",
+        }  # fmt: skip
+        app = door.front.server.config.app
+        asyncio.run_coroutine_threadsafe(app(scope, receive, send), door.front.loop).result(20)
+        assert [m["type"] for m in sent] == ["http.response.start"]  # the body never ran
+        assert door.gw.replicas["r0"].outstanding == 0
+        assert door.gw.retry_budget.active_requests == 0
+        wait_until(lambda: door.fakes[0].running == 0, 10, what="the upstream request aborted")
+        assert_ok(door)
+    finally:
+        door.close()
+
+
+def test_a_request_that_got_nothing_gives_its_token_charge_back(keys_file):
+    """With the replica failing (503, then refusing with 422), each request is charged 400
+    tokens at admission; with no refund the 1,000-token budget would be gone after two and
+    the key locked out after the outage."""
+    door = Door(n=1, api_keys=load_api_keys(keys_file))
+    small = bearer("small-key")  # tokens_per_min: 1000
+    body = {**BODY, "max_tokens": 400}
+    try:
+        door.control(0, fail_status=503, fail_count=1000)
+        for stream in (False, True):
+            assert door.post({**body, "stream": stream}, small).status_code in (502, 503)
+        door.control(0, fail_status=422, fail_count=1000)
+        for stream in (False, True):
+            assert door.post({**body, "stream": stream}, small).status_code == 422
+        door.control(0, fail_count=0)
+        assert door.post(body, small).status_code == 200
     finally:
         door.close()

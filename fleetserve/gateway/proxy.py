@@ -15,7 +15,8 @@ import re
 import uuid
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from fleetserve.gateway.api_keys import ANONYMOUS, ApiKey
 from fleetserve.gateway.context import RequestContext
@@ -27,6 +28,7 @@ from fleetserve.gateway.stream import StreamSession, failure_status
 from fleetserve.gateway.upstream import UpstreamError, post_json
 from fleetserve.http.disconnect import ClientDisconnected, unless_disconnected
 from fleetserve.http.errors import error_body
+from fleetserve.http.responses import ClosingStreamingResponse
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +116,13 @@ async def read_json(request: Request, limit: int) -> object:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise too_large
+    except ClientDisconnect:  # left mid-body (or cut by --body-timeout): nobody to answer
+        raise HttpError(499, "the client left before its body was read", "client_closed") from None
     try:
         body = json.loads(data, parse_constant=_not_json, parse_float=_finite_float)
         if _SURROGATE_ESCAPE.search(data):  # only then can a string fail to encode
@@ -277,15 +282,13 @@ async def _stream(gw: Gateway, ctx: RequestContext, request: Request) -> Respons
         gw.request_ended(ctx)
         raise
 
-    async def body():
-        try:
-            async for event in session.body(first):
-                yield event
-        finally:
-            gw.request_ended(ctx)
+    async def on_close() -> None:
+        await session.aclose()  # a no-op once the body's own end closed it
+        gw.request_ended(ctx)
 
-    return StreamingResponse(
-        body(),
+    return ClosingStreamingResponse(
+        session.body(first),
+        on_close=on_close,  # also if the client left before the body started
         media_type="text/event-stream",
         headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"},
     )
@@ -367,6 +370,8 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
             # a large answer (many choices, echoed logprobs) is parsed off the event loop
             big = len(resp.content) > 2**20
             used = await asyncio.to_thread(_usage_tokens, resp) if big else _usage_tokens(resp)
+            if used is None and resp.status_code != 200:
+                used = 0  # the replica refused it: nothing was generated
             return Response(
                 resp.content,
                 resp.status_code,
@@ -379,6 +384,7 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
         return Response(status_code=499)
     except (Shed, NoReplica, DeadlineExceeded, UpstreamError) as exc:
         status = failure_status(exc)
+        used = 0  # the client received nothing: its key is not charged for it
         return _failure_response(gw, ctx, exc)
     finally:
         if replica is not None:

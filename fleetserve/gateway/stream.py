@@ -55,6 +55,7 @@ class StreamSession:
         self.retries = 0
         self.migrations = 0
         self.status = "200"
+        self._closed = False
 
     # ---- before the first byte ---------------------------------------------------------------
 
@@ -243,9 +244,16 @@ class StreamSession:
 
     # ---- the end -----------------------------------------------------------------------------
 
+    async def aclose(self) -> None:
+        """End the session if nothing has yet (the client left before the body started)."""
+        await self._close(ok=False)
+
     async def _close(self, ok: bool, status: str | None = None) -> None:
         """`ok`: the stream reached its end; otherwise the client left (or, with `status`,
-        the stream never started)."""
+        the stream never started). Runs once; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if status is not None:
             self.status = status
         elif not ok:
@@ -258,7 +266,9 @@ class StreamSession:
             await self._detach(Outcome.SUCCESS if ok else Outcome.NEUTRAL)
         now = self.gw.clock()
         used = None
-        if self.state.prompt_ids is not None:
+        if status is not None:
+            used = 0  # the stream never started: the client received nothing
+        elif self.state.prompt_ids is not None:
             used = len(self.state.prompt_ids) + sum(len(g) for g in self.state.generated.values())
         self.gw.admission.release(self.ctx.key, self.ctx.charged_tokens, used, now)
         self.gw.metrics.e2e.observe(now - self.ctx.arrival)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from fleetserve.http.responses import ClosingStreamingResponse
 from fleetserve.http.sse import SSE_HEADERS, sse_event
 from fleetserve.server.errors import APIError, error_response
 from fleetserve.server.state import ServerState, get_state, require_operator_key
@@ -69,4 +70,6 @@ async def kv_events(state: State, token_ids: bool = False) -> StreamingResponse:
         finally:
             sub.close()
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return ClosingStreamingResponse(
+        stream(), on_close=sub.close, media_type="text/event-stream", headers=SSE_HEADERS
+    )

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Callable, Iterable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from fleetserve.engine.async_engine import EngineDeadError, RequestFailedError
 from fleetserve.engine.outputs import CompletionOutput, RequestOutput
 from fleetserve.engine.sampling_params import SamplingParams
+from fleetserve.http.responses import ClosingStreamingResponse
 from fleetserve.server.errors import APIError, error_body
 from fleetserve.server.inputs import Prompt
 from fleetserve.server.protocol import SamplingFields
@@ -113,9 +113,9 @@ class Generation:
     ) -> StreamingResponse:
         """SSE response: `chunks(prompt_index, output)` turns each engine update into zero or
         more chunk bodies (the `choices` part); this adds ids, usage and the final [DONE]."""
-        return _GenerationResponse(
-            self,
+        return ClosingStreamingResponse(
             self._sse(chunks, object_name),
+            on_close=self.release_queue,  # also if the client left before the body started
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
@@ -194,21 +194,6 @@ class Generation:
             "total_tokens": prompt_tokens + self.num_generated,
             "prompt_tokens_details": {"cached_tokens": sum(self.num_cached)},
         }
-
-
-class _GenerationResponse(StreamingResponse):
-    """A stream that gives its generation's queue places back however it ends, even if the
-    client left before the body iterator ever started (its `finally` then never runs)."""
-
-    def __init__(self, generation: Generation, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.generation = generation
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.generation.release_queue()
 
 
 def engine_error(exc: Exception) -> APIError:
