@@ -894,3 +894,27 @@ def test_a_request_that_got_nothing_gives_its_token_charge_back(keys_file):
         assert door.post(body, small).status_code == 200
     finally:
         door.close()
+
+
+def test_a_repeated_request_id_does_not_merge_two_requests_accounting():
+    """Two requests in flight with the same X-Request-Id each keep their own prefill entry
+    on the replica (the client's id used to key it, so one overwrote the other's)."""
+    door = Door(n=1)
+    try:
+        door.control(0, prefill_s_per_token=0.05)  # both stay in prefill for a while
+        replica = door.gw.replicas["r0"]
+        same = {"X-Request-Id": "same-id"}
+        threads = [
+            threading.Thread(target=door.post, args=(BODY, same), kwargs={"timeout": 30})
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        wait_until(lambda: replica.outstanding == 2, 10, what="both requests on the replica")
+        assert len(door.front.call(lambda: dict(replica.prefilling))) == 2
+        for t in threads:
+            t.join(30)
+        wait_until(lambda: replica.outstanding == 0, 10, what="both released")
+        assert not replica.prefilling
+    finally:
+        door.close()

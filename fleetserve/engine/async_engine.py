@@ -227,11 +227,6 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
-    @property
-    def num_waiting(self) -> int:
-        """Requests accepted here that have not produced a token yet (queued or prefilling)."""
-        return sum(1 for s in self._streams.values() if s.first_token_time is None)
-
     def stats(self) -> dict:
         """The core's latest stats (see `EngineCore.stats`); empty until the first tick."""
         return self.core.stats()

@@ -170,7 +170,7 @@ class CoreClient:
             self._reader.cancel()
         proc = self._proc
         if proc is not None and proc.is_alive():
-            if self.info is not None:  # still loading: nothing to finish, it may not listen yet
+            if self.info is not None:  # loaded: ask it to finish (while loading it may not listen)
                 self.send(Shutdown())
                 await asyncio.to_thread(proc.join, 5)
             if proc.is_alive():  # the core ignores SIGTERM (see core_proc): kill it

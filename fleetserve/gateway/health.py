@@ -76,10 +76,17 @@ async def probe_once(
                 raise _NotReady(f"one-token generation answered {answer.status_code}")
             ok = True
             if replica.supports_extensions:
-                replica.load = await scrape_load(client, replica.url, auth)
+                load = await scrape_load(client, replica.url, auth)
+                if load.refused and not replica.load.refused:  # once, not every probe
+                    logger.warning(
+                        "replica %s refuses its /metrics: the gateway's upstream key must be "
+                        "the replica's --operator-key; routing does not see its load",
+                        replica.id,
+                    )
+                replica.load = load
     except TimeoutError:
         why = f"no answer within {timeout:.1f}s"
-    except (_NotReady, httpx.HTTPError, ValueError, KeyError) as exc:
+    except (_NotReady, httpx.HTTPError, ValueError, KeyError, AttributeError) as exc:
         why = str(exc) or type(exc).__name__
     now = clock()
     was_ready = replica.ready
@@ -112,6 +119,7 @@ async def scrape_load(
     resp = await client.get(f"{url}/metrics", headers=headers)
     stats = LoadStats()
     if resp.status_code != 200:
+        stats.refused = resp.status_code in (401, 403)
         return stats
     for family in text_string_to_metric_families(resp.text):
         for sample in family.samples:

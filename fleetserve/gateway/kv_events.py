@@ -25,10 +25,19 @@ async def kv_event_loop(replica: Replica, client: httpx.AsyncClient) -> None:
     """Follow `replica`'s KV events into `replica.prefix` until cancelled, reconnecting
     with backoff."""
     delay = RECONNECT_MIN_S
+    warned = False
     while True:
         try:
             url = f"{replica.url}/v1/kv_events"
             async with client.stream("GET", url, headers=replica.auth_headers) as resp:
+                if resp.status_code in (401, 403) and not warned:
+                    warned = True
+                    logger.warning(
+                        "replica %s refuses its KV events (%d): the gateway's upstream key must "
+                        "be the replica's --operator-key; prefix routing is blind to it",
+                        replica.id,
+                        resp.status_code,
+                    )
                 if resp.status_code == 404:
                     logger.warning(
                         "replica %s publishes no KV events; prefix routing is blind to it",

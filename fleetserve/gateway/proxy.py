@@ -209,7 +209,9 @@ async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bo
             return refused.response(request_id)
         charge += extra
     route = RouteRequest(
-        request_id=request_id,
+        # the gateway's own id: the client's X-Request-Id may repeat, and the replicas'
+        # prefill accounting is keyed by this one
+        request_id=uuid.uuid4().hex,
         prompt_token_ids=tuple(ids) if ids is not None else None,
         num_prompt_tokens=len(ids) if ids is not None else shape.estimated_prompt_tokens,
         max_tokens=gw.config.default_max_tokens if shape.max_tokens is None else shape.max_tokens,
@@ -350,7 +352,10 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
                 past_deadline = remaining is not None and remaining <= 0
                 failed = exc.replica_failed and not past_deadline
                 gw.release(
-                    replica, Outcome.FAILURE if failed else Outcome.NEUTRAL, None, ctx.request_id
+                    replica,
+                    Outcome.FAILURE if failed else Outcome.NEUTRAL,
+                    None,
+                    ctx.route.request_id,
                 )
                 ctx.exclude.add(replica.id)
                 replica = None
@@ -364,7 +369,7 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
                 replica = await gw.route_now(ctx.route_request(), ctx.deadline)
                 continue
             outcome = Outcome.SUCCESS if resp.status_code == 200 else Outcome.NEUTRAL
-            gw.release(replica, outcome, gw.clock() - started, ctx.request_id)
+            gw.release(replica, outcome, gw.clock() - started, ctx.route.request_id)
             replica = None
             status = str(resp.status_code)
             # a large answer (many choices, echoed logprobs) is parsed off the event loop
@@ -388,7 +393,7 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
         return _failure_response(gw, ctx, exc)
     finally:
         if replica is not None:
-            gw.release(replica, Outcome.NEUTRAL, None, ctx.request_id)
+            gw.release(replica, Outcome.NEUTRAL, None, ctx.route.request_id)
         now = gw.clock()
         gw.admission.release(ctx.key, ctx.charged_tokens, used, now)
         gw.metrics.e2e.observe(now - ctx.arrival)

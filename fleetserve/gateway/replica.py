@@ -23,6 +23,7 @@ class LoadStats:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    refused: bool = False  # the replica answered 401/403: the gateway's key is not its operator's
 
 
 @dataclass

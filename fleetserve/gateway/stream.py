@@ -128,7 +128,7 @@ class StreamSession:
                 await upstream.aclose()
         if replica is not None:
             held = self.gw.clock() - self.attempt_started
-            self.gw.release(replica, outcome, held, self.ctx.request_id)
+            self.gw.release(replica, outcome, held, self.ctx.route.request_id)
 
     # ---- the stream --------------------------------------------------------------------------
 
@@ -175,7 +175,7 @@ class StreamSession:
         if self.state.token_sent and not had_token:
             self.gw.metrics.ttft.observe(self.gw.clock() - self.ctx.arrival)
         if self.state.token_sent:
-            self.gw.prefill_done(self.replica, self.ctx.request_id)
+            self.gw.prefill_done(self.replica, self.ctx.route.request_id)
         return events
 
     def _timeout(self, wait: float) -> float:
