@@ -138,6 +138,37 @@ def _stable_wants(now: float, drop_at: float) -> int:
     return math.ceil(mean / (CONFIG.target_concurrency * (1 - CONFIG.scale_down_tolerance)))
 
 
+def test_no_scale_down_while_panicking_nor_for_a_stable_window_after() -> None:
+    config = AutoscalerConfig(max_replicas=20, target_concurrency=10, scale_down_delay_s=0)
+    scaler, fleet = Autoscaler(config), fleet_of(1)
+    play(scaler, fleet, [8] * 20)
+    burst = play(scaler, fleet, [80] * 5, start=40.0)
+    peak = burst[-1][2].desired
+    assert peak >= 8
+    # Panic is entered at t=40 (a 3.2-replica panic figure on 1 ready replica) and that tick is
+    # the last over 2x: at t=42 four replicas are ready. So panic lasts until 40 + 60 s, and
+    # the fleet holds its peak all that time although the load fell back at t=50.
+    after = play(scaler, fleet, [8] * 60, start=50.0)
+    panic_ends = 40 + config.stable_window_s
+    assert {d.desired for t, _, d in after if t < panic_ends} == {peak}
+    downs = [e for e in events(after) if e[2] < e[1]]
+    assert downs[0][0] == panic_ends
+
+
+def test_the_least_loaded_ready_replicas_are_removed_newest_first() -> None:
+    config = AutoscalerConfig(max_replicas=8, scale_down_delay_s=0, max_scale_down_step=2)
+    decision = Autoscaler(config).decide(
+        snapshot(
+            0.0,
+            replica("old-idle", running=0, started_at=0.0),
+            replica("young-busy", running=2, waiting=1, started_at=9.0),
+            replica("mid-idle", running=0, started_at=5.0),
+            replica("old-busy", running=1, started_at=1.0),
+        )
+    )
+    assert (decision.desired, decision.remove) == (2, ("mid-idle", "old-idle"))
+
+
 def test_a_scale_down_blip_restarts_the_delay() -> None:
     config = AutoscalerConfig(
         target_concurrency=10, stable_window_s=6, panic_threshold=10, scale_down_delay_s=20
@@ -186,8 +217,11 @@ def test_zero_load_reaches_zero_after_the_grace_period_and_one_request_brings_on
     assert events(trace) == [(30.0, 1, 0, "idle_to_zero")]
     assert trace[15][2].remove == ("r0",)
 
+    assert scaler.decide(snapshot(40.0)) == ScaleDecision(0, "hold")
     decision = scaler.decide(snapshot(42.0, queued=1))
     assert (decision.desired, decision.reason) == (1, "activate")
+    # A policy that starts at zero (a restarted controller) stays there until a request.
+    assert Autoscaler(config).decide(snapshot(0.0)) == ScaleDecision(0, "hold")
 
 
 def test_the_idle_clock_restarts_on_any_request() -> None:

@@ -12,12 +12,15 @@ Algorithm (Knative's KPA, fed with what an LLM fleet knows)
    requests held at the gateway (``gateway_queued``).
 2. Each call appends ``(now, load)``; the averages over the *stable* window and over the
    *panic* window (a fraction of it) give ``desired = ceil(avg / target_concurrency)``.
-3. *Panic* starts when the panic-window desired is at least ``panic_threshold`` times the
-   ready replicas, and lasts until a stable window has passed without that. In panic the
+3. *Panic* starts when the panic-window figure ``avg / target_concurrency`` (unrounded, as
+   Knative) is at least ``panic_threshold`` times the ready replicas, and lasts until a stable
+   window has passed without that. In panic the
    fleet follows the panic figure, never below the highest panic figure seen nor below its
    current size: it does not scale down while panicking.
-4. *Stable* scale-down waits: a lower desired must hold for the whole scale-down delay, then
-   the fleet goes to the highest desired of that delay (Knative's max-over-window).
+4. *Stable* scale-up is immediate. Scale-down asks for ``ceil(avg / (target_concurrency x
+   (1 - scale_down_tolerance)))``, a size still under its target by the tolerance, and waits:
+   that lower figure must hold for the whole scale-down delay (any higher sample restarts
+   it), then the fleet goes to the highest figure of the delay (Knative's max-over-window).
 5. SLOs: a TTFT or ITL p90 above its SLO is pressure. It blocks scale-down and, unless a
    replica is already loading, asks for one more.
 6. Zero: with ``min_replicas == 0`` and no load at all for the grace period the fleet goes to
@@ -25,7 +28,8 @@ Algorithm (Knative's KPA, fed with what an LLM fleet knows)
    one replica at once (reason ``activate``).
 7. Steps are bounded by ``max_scale_up_step``/``max_scale_up_rate`` and
    ``max_scale_down_step``/``max_scale_down_rate``, then clamped to
-   ``[min_replicas, max_replicas]``.
+   ``[min_replicas, max_replicas]``. The fleet never shrinks below its loading replicas
+   plus one ready one (while others load, the last ready replica serves).
 
 Cold starts are part of the decision: replicas still loading count toward capacity (so the
 policy does not add more while they load) and are never chosen for removal; no cooldown (the
@@ -60,6 +64,7 @@ its APA a tolerance band around one metric's target):
   | ``minReplicas: 0``.
 - ``min_replicas = 1``, ``max_replicas = 4`` | ``min-scale = 0``, ``max-scale = 0`` (unbounded) |
   ``min_replicas = 1``, ``max_replicas = 1`` | ``minReplicas``, ``maxReplicas``.
+- ``scale_down_tolerance = 0.1`` | none | none | APA ``down-fluctuation-tolerance = 0.2``.
 - ``ttft_p90_slo_s``/``itl_p90_slo_s = None`` | none | none | none (one metric per autoscaler).
 - cooldowns raised to the measured cold start | none | none | none.
 
@@ -77,6 +82,10 @@ Where ours differs, and why:
 - ``scale_down_delay_s = 60`` where Knative has 0 (its stable window already smooths) and Ray
   600: a delay of one stable window stops the flapping the Ray trackers report (ray#18925,
   #26455) without the 10 minutes of idle GPUs, and it is raised to the measured cold start.
+- ``scale_down_tolerance = 0.1``: Knative has no band, so a load sitting on a replica
+  boundary (40 requests at a target of 8) flips between 5 and 6 replicas; AIBrix's APA has the
+  same idea (``down-fluctuation-tolerance``). Scale-up keeps the plain target, so the band
+  costs at most 10% extra capacity and only on the way down.
 - Cooldowns never shorter than a cold start: no peer ties them together; cooldowns shorter
   than the load time are how a model "never recovers".
 - No upscale delay (Ray's ``upscale_delay_s = 30``): panic mode plays that role, and replicas
@@ -259,6 +268,8 @@ class Autoscaler:
 
         if current == 0 and load > 0:
             return self._bounded(max(1, cfg.min_replicas), "activate", snapshot, current)
+        if current == 0 and cfg.min_replicas == 0:
+            return ScaleDecision(0, "hold")  # at zero only a request brings a replica back
 
         stable_avg = _window_mean(self._load, now - cfg.stable_window_s)
         # Knative compares the unrounded panic figure with the threshold: rounding up would
