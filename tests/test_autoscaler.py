@@ -133,7 +133,9 @@ def test_a_drop_scales_down_only_after_the_delay() -> None:
 def _stable_wants(now: float, drop_at: float) -> int:
     """What the stable window asks for, 40 before `drop_at` and 8 from it, ticks of 2 s:
     ceil(mean / (target x (1 - scale_down_tolerance)))."""
-    ticks = [t * TICK for t in range(int(now // TICK) + 1) if t * TICK > now - 60]
+    ticks = [
+        t * TICK for t in range(int(now // TICK) + 1) if t * TICK > now - CONFIG.stable_window_s
+    ]
     mean = sum(40 if t < drop_at else 8 for t in ticks) / len(ticks)
     return math.ceil(mean / (CONFIG.target_concurrency * (1 - CONFIG.scale_down_tolerance)))
 

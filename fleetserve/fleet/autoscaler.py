@@ -9,7 +9,9 @@ Algorithm (Knative's KPA, fed with what an LLM fleet knows)
 1. *Load* is the fleet's concurrency: the requests the replicas run or queue (``running +
    waiting`` from each replica's ``/metrics``, draining ones included since their streams stay
    on the fleet) or the gateway's in-flight count if larger (replica metrics lag), plus the
-   requests held at the gateway (``gateway_queued``).
+   requests held at the gateway (``gateway_queued``). ``kv_cache_usage`` is carried for
+   policies that scale on it (AIBrix's examples do); this one does not, because a full KV
+   cache already shows as waiting requests.
 2. Each call appends ``(now, load)``; the averages over the *stable* window and over the
    *panic* window (a fraction of it) give ``desired = ceil(avg / target_concurrency)``.
 3. *Panic* starts when the panic-window figure ``avg / target_concurrency`` (unrounded, as
@@ -300,7 +302,7 @@ class Autoscaler:
 
         if cfg.min_replicas == 0 and now - self._last_busy >= self.scale_to_zero_grace_s:
             self._forget_lower()
-            return self._bounded(max(0, loading), "idle_to_zero", snapshot, current)
+            return self._bounded(loading, "idle_to_zero", snapshot, current)
 
         if wanted < current:
             wanted = self._after_delay(now, wanted, current)
