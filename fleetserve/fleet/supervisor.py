@@ -153,16 +153,16 @@ class Supervisor:
             self._forget(index)
             count -= 1
         for index in self._pick(count, remove):
-            self._drains[index] = asyncio.create_task(
-                self._drain(index), name=f"drain-{replica_id(index)}"
-            )
+            rid = replica_id(index)
+            self.gateway.set_draining(rid, True)  # no new work from now on
+            self._drains[index] = asyncio.create_task(self._drain(index), name=f"drain-{rid}")
 
     def _pick(self, count: int, remove: Sequence[str]) -> list[int]:
         """Up to `count` ready replicas to drain: those named first, then the newest."""
         ready = [i for i in self.serving if self._state(i) == "ready"]
         named = [i for i in ready if replica_id(i) in remove]
         for rid in set(remove) - {replica_id(i) for i in named}:
-            logger.warning("replica %s is not ready (%s); not removed", rid, self._state_of(rid))
+            logger.warning("replica %s is %s, not ready; not drained", rid, self._state_of(rid))
         others = sorted((i for i in ready if i not in named), reverse=True)
         picked = (named + others)[:count]
         if len(picked) < count:
@@ -176,13 +176,12 @@ class Supervisor:
 
     def _state_of(self, rid: str) -> str:
         replica = self.gateway.replicas.get(rid)
-        return replica.state if replica is not None else "starting"
+        return replica.state if replica is not None else "unknown"
 
     async def _drain(self, index: int) -> None:
-        """No new work; streams finish, or move on past the drain deadline; then stop it."""
+        """Its streams finish, or move on past the drain deadline; then stop and remove it."""
         rid = replica_id(index)
         replica = self.gateway.replicas[rid]
-        self.gateway.set_draining(rid, True)
         logger.info("replica %s draining (%d requests in flight)", rid, replica.outstanding)
         if not await self._idle(replica, self.drain_timeout_s):
             logger.info(
@@ -258,6 +257,8 @@ class Supervisor:
         self.gateway.mark_loading(rid, handle.url, handle.pid)
         ready = await self.backend.wait_ready(handle, self.ready_timeout_s)
         if ready:
+            if rid not in self.gateway.replicas:  # an operator removed it while it loaded
+                self.gateway.mark_loading(rid, handle.url, handle.pid)
             self.gateway.mark_up(rid, handle.url, handle.pid)
             logger.info("replica %s up at %s (pid %s)", rid, handle.url, handle.pid)
         timed_out = not ready and time.monotonic() - started >= self.ready_timeout_s
