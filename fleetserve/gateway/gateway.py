@@ -115,7 +115,7 @@ class Gateway:
         )
         self._started = True
         for replica in self.replicas.values():
-            if replica.failed is None:
+            if replica.failed is None and not replica.down:
                 self._start_tasks(replica)
 
     async def stop(self) -> None:
@@ -143,11 +143,12 @@ class Gateway:
         *,
         trusted: bool = True,
         api_key: str | None = None,
+        probe: bool = True,
     ) -> Replica:
         """Raises ValueError for a malformed URL or a taken id. `trusted`: the operator
         named or started this replica, so it gets the internal key (unless `api_key` is
         given); a replica added through the admin API is not. Either way it gets no work
-        until an active probe passes."""
+        until an active probe passes. `probe=False`: not probed until `mark_up`."""
         replica_id = replica_id or f"r{next(self._ids)}"
         if replica_id in self.replicas:
             raise ValueError(f"replica id {replica_id!r} is taken")
@@ -156,7 +157,7 @@ class Gateway:
         replica.auth_headers = {"Authorization": f"Bearer {key}"} if key else {}
         replica.accepts_priority = trusted and self.config.forward_priority
         self.replicas[replica_id] = replica
-        if self._started:
+        if self._started and probe:
             self._start_tasks(replica)
         logger.info("replica %s added: %s (%s)", replica_id, replica.url, kind.value)
         return replica
@@ -172,7 +173,22 @@ class Gateway:
         if replica is not None:
             replica.down = True
             replica.ready = False
+            replica.loading = False
             replica.prefix.clear()
+
+    def mark_loading(self, replica_id: str, url: str, pid: int | None = None) -> None:
+        """Its process was just (re)started and is loading: listed as `loading`, not
+        probed and given no work until `mark_up`; its first passing probe after that ends
+        the cold start (observed in `cold_start_seconds`)."""
+        if replica_id not in self.replicas:
+            self.add_replica(url, ReplicaKind.FLEETSERVE, pid, replica_id, probe=False)
+        self.mark_down(replica_id)
+        replica = self.replicas[replica_id]
+        replica.url, replica.pid = url.rstrip("/"), pid
+        replica.loading = True
+        replica.started_at = self.clock()
+        for t in self._tasks.pop(replica_id, []):
+            t.cancel()
 
     def mark_up(self, replica_id: str, url: str, pid: int | None = None) -> None:
         """A (re)started process at `url`: clean slate; work flows once a probe passes."""
@@ -196,8 +212,20 @@ class Gateway:
             t.cancel()
 
     def set_draining(self, replica_id: str, draining: bool) -> None:
-        self.replicas[replica_id].draining = draining
+        """No new work for it (its streams finish there); `False` takes it back into
+        service, and ends an eviction too."""
+        replica = self.replicas[replica_id]
+        replica.draining = draining
+        if not draining:
+            replica.evicting = False
         self.notify_changed()
+
+    def evict(self, replica_id: str) -> None:
+        """Move its streams: each continues on another replica at its next event, with
+        the token-exact migration (see `StreamSession`). It must be draining already."""
+        replica = self.replicas[replica_id]
+        assert replica.draining, f"replica {replica_id} is evicted without draining first"
+        replica.evicting = True
 
     def _start_tasks(self, replica: Replica) -> None:
         probe = probe_loop(
@@ -206,13 +234,20 @@ class Gateway:
             interval_s=self.config.probe_interval_s,
             timeout_s=self.config.probe_timeout_s,
             clock=self.clock,
-            on_change=self.notify_changed,
+            on_change=lambda: self._probed(replica),
         )
         tasks = [asyncio.create_task(probe, name=f"probe-{replica.id}")]
         if replica.supports_extensions:
             kv = kv_event_loop(replica, self.client)
             tasks.append(asyncio.create_task(kv, name=f"kv-{replica.id}"))
         self._tasks[replica.id] = tasks
+
+    def _probed(self, replica: Replica) -> None:
+        if replica.loading and replica.ready:
+            replica.loading = False
+            if replica.started_at is not None:
+                self.metrics.cold_start.observe(self.clock() - replica.started_at)
+        self.notify_changed()
 
     def views(self, now: float) -> list[ReplicaView]:
         return self.dispatcher.views(now)

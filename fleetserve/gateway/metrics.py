@@ -1,13 +1,22 @@
 """The gateway's Prometheus metrics, in a registry of its own (no global state).
 
 Per-replica gauges are read from the live replica table at scrape time (a custom
-collector), so they never go stale between requests."""
+collector), so they never go stale between requests.
+
+Scaling: `fleetserve:gateway_desired_replicas` is the number of replicas the fleet's
+supervisor was last asked to keep (loading + ready; draining ones excluded). It is the
+signal for an external scaler: a Kubernetes HPA (through prometheus-adapter, as an
+external metric with `target.type: Value`) or a KEDA `prometheus` trigger reads it and
+sets the Deployment's replicas to it. `fleetserve:gateway_replicas{state}` counts the
+replicas by state (always loading, ready, draining and failed; down and not_ready when
+some are), `..._scale_events_total{direction,reason}` one per change of the target, and
+`..._cold_start_seconds` the time from a replica's start to its first passing probe."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -18,6 +27,9 @@ P = "fleetserve:gateway_"
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320,
 )  # fmt: skip
+COLD_START_BUCKETS = (1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900)
+# Always exported, at 0 when no replica is in them (dashboards and alerts need the series).
+REPLICA_STATES = ("loading", "ready", "draining", "failed")
 BREAKER_CODE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
@@ -50,7 +62,8 @@ class _ReplicaCollector(Collector):
             k: GaugeMetricFamily(f"{P}replica_{k}", doc, labels=["replica"])
             for k, doc in gauges.items()
         }
-        for r in self._replicas():
+        replicas = list(self._replicas())
+        for r in replicas:
             values = {
                 "outstanding": r.outstanding,
                 "healthy": int(r.healthy(now)),
@@ -66,6 +79,13 @@ class _ReplicaCollector(Collector):
             for k, v in values.items():
                 families[k].add_metric([r.id], v)
         yield from families.values()
+        by_state = dict.fromkeys(REPLICA_STATES, 0)
+        for r in replicas:
+            by_state[r.state] = by_state.get(r.state, 0) + 1
+        states = GaugeMetricFamily(f"{P}replicas", "replicas by state", labels=["state"])
+        for state, count in by_state.items():
+            states.add_metric([state], count)
+        yield states
         queue = GaugeMetricFamily(f"{P}queue_length", "requests waiting for a replica slot")
         queue.add_metric([], self._queue_len())
         yield queue
@@ -132,6 +152,24 @@ class GatewayMetrics:
             f"{P}queue_wait_seconds",
             "time spent waiting for a replica slot",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+        self.desired_replicas = Gauge(
+            f"{P}desired_replicas",
+            "replicas the fleet is asked to keep (loading + ready); for an HPA or KEDA",
+            registry=r,
+        )
+        self.scale_events = Counter(
+            f"{P}scale_events",
+            "changes of the fleet's target, by direction (up, down) and reason",
+            ["direction", "reason"],
+            registry=r,
+        )
+        self.cold_start = Histogram(
+            f"{P}cold_start_seconds",
+            "a replica's start to its first passing probe",
+            buckets=COLD_START_BUCKETS,
             registry=r,
         )
 

@@ -36,7 +36,12 @@ class Replica:
     # ready: the last active probe passed (a new replica is not ready until one does).
     ready: bool = False
     draining: bool = False
+    # Draining past its deadline: its streams continue on other replicas at their next event.
+    evicting: bool = False
     down: bool = False  # its process is known to be gone (supervisor)
+    # Started by the supervisor and no probe has passed since (set with `started_at`).
+    loading: bool = False
+    started_at: float | None = None  # gateway clock, when its process was started
     failed: str | None = None  # why its supervisor gave up restarting it (a crash loop)
     outstanding: int = 0  # requests this gateway has in flight on it
     # request id -> prompt tokens it still has to prefill here (estimated when routed),
@@ -59,9 +64,11 @@ class Replica:
 
     @property
     def state(self) -> str:
-        """One word for people: failed, down, draining, ready or not_ready."""
+        """One word for people: failed, loading, down, draining, ready or not_ready."""
         if self.failed is not None:
             return "failed"
+        if self.loading:
+            return "loading"
         if self.down:
             return "down"
         if self.draining:

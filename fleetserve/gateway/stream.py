@@ -4,10 +4,16 @@
 open():  acquire a replica ─▶ POST (stream) ─▶ first event ──▶ HTTP 200 starts
               ▲   retry on another replica,        │
               └── backoff, while nothing was sent ◀┘ failure
-body():  events ─▶ client ... replica dies / stalls / sends an error
+body():  events ─▶ client ... replica dies / stalls / sends an error / is evicted
               ─▶ continuation on another replica (prompt ids + tokens sent so far)
               ─▶ its chunks re-wrapped as the client's stream ... [DONE]
 ```
+
+An evicted replica (a scale-down past its drain deadline) is left at an event boundary:
+the event just read is passed on, the upstream request is closed (the replica aborts it)
+and the stream continues elsewhere, so no token is lost or repeated and it is not counted
+as the replica's failure. A stream that cannot migrate, or has no other replica to go to
+now, stays where it is.
 
 The bookkeeping of what the client got, and the rewriting of events, is `StreamState`'s
 (pure); this file does the I/O around it. Only single-choice streams (n == 1) from
@@ -154,18 +160,38 @@ class StreamSession:
             data = await self.upstream.next_event(self._timeout(wait))
             if data is None:
                 raise UpstreamError("the stream ended before [DONE]")
-            return self._on_event(data)
+            events = self._on_event(data)
+            if self._should_leave():
+                events += await self._continue_elsewhere(_evicted(self.replica), Outcome.NEUTRAL)
+            return events
         except UpstreamError as exc:
             if self._past_deadline():
                 return self._fail("the request's deadline passed", "timeout", 504)
             if not exc.retryable:  # the request's own error: passed on, not migrated
                 await self._detach(Outcome.NEUTRAL)
                 return self._end_with(json.loads(exc.body), str(exc.status))
-            try:
-                return await self._migrate(exc)
-            except Unrecoverable as why:
-                self.gw.metrics.migration_failures.inc()
-                return self._fail(str(why), "upstream_error", 502)
+            return await self._continue_elsewhere(exc)
+
+    async def _continue_elsewhere(
+        self, exc: UpstreamError, outcome: Outcome = Outcome.FAILURE
+    ) -> list[bytes]:
+        try:
+            return await self._migrate(exc, outcome)
+        except Unrecoverable as why:
+            self.gw.metrics.migration_failures.inc()
+            return self._fail(str(why), "upstream_error", 502)
+
+    def _should_leave(self) -> bool:
+        """Whether to move off an evicted replica now (see the module docstring)."""
+        replica = self.replica
+        return (
+            replica.evicting
+            and not self.state.done
+            and replica.supports_extensions
+            and self.state.can_continue
+            and self.migrations < self.gw.config.max_migrations
+            and self.gw.any_accepting()
+        )
 
     def _on_event(self, data: str) -> list[bytes]:
         self.events_this_attempt += 1
@@ -198,16 +224,20 @@ class StreamSession:
 
     # ---- migration ---------------------------------------------------------------------------
 
-    async def _migrate(self, exc: UpstreamError) -> list[bytes]:
+    async def _migrate(self, exc: UpstreamError, outcome: Outcome = Outcome.FAILURE) -> list[bytes]:
         """Continue on another replica. Returns events to send now (none, usually: the new
-        upstream's follow). Raises Unrecoverable."""
+        upstream's follow). Raises Unrecoverable. `outcome`: for the replica left."""
         failed = self.replica
-        await self._detach(Outcome.FAILURE)
+        await self._detach(outcome)
         if failed is None:
             raise Unrecoverable(f"the stream broke: {exc}")
         self.ctx.exclude.add(failed.id)
-        logger.warning(
-            "request %s: replica %s failed mid-stream (%s)", self.ctx.request_id, failed.id, exc
+        logger.log(
+            logging.WARNING if outcome is Outcome.FAILURE else logging.INFO,
+            "request %s: leaving replica %s mid-stream (%s)",
+            self.ctx.request_id,
+            failed.id,
+            exc,
         )
         if not (failed.supports_extensions and self.state.can_continue):
             raise Unrecoverable(f"the stream broke and cannot be continued: {exc}")
@@ -273,6 +303,12 @@ class StreamSession:
         self.gw.admission.release(self.ctx.key, self.ctx.charged_tokens, used, now)
         self.gw.metrics.e2e.observe(now - self.ctx.arrival)
         self.gw.metrics.requests.labels(self.ctx.endpoint, self.status).inc()
+
+
+def _evicted(replica: Replica) -> UpstreamError:
+    exc = UpstreamError(f"replica {replica.id} is scaled down past its drain deadline")
+    exc.reason = "drain"  # the migrations metric's label
+    return exc
 
 
 def failure_status(exc: BaseException) -> str:
