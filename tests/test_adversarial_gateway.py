@@ -904,9 +904,10 @@ def test_a_repeated_request_id_does_not_merge_two_requests_accounting():
         door.control(0, prefill_s_per_token=0.05)  # both stay in prefill for a while
         replica = door.gw.replicas["r0"]
         same = {"X-Request-Id": "same-id"}
-        threads = [
-            threading.Thread(target=door.post, args=(BODY, same), kwargs={"timeout": 30})
-            for _ in range(2)
+        bodies = [{**BODY, "prompt": f"{word} prompt of a few blocks"} for word in ("ab", "yz")]
+        threads = [  # different prompts: the second must not be a prefix-cache hit
+            threading.Thread(target=door.post, args=(body, same), kwargs={"timeout": 30})
+            for body in bodies
         ]
         for t in threads:
             t.start()
