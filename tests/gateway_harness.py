@@ -133,3 +133,16 @@ def sse_texts(lines, chat: bool) -> tuple[str, list[dict]]:
         for c in obj.get("choices") or ():
             text += ((c.get("delta") or {}).get("content") or "") if chat else (c.get("text") or "")
     return text, chunks
+
+
+# Gateway timings for tests against fake replicas in threads: fast probes, short stalls.
+FAST_GATEWAY = {
+    "probe_interval_s": 0.1,
+    "probe_timeout_s": 2.0,
+    "stall_timeout_s": 0.5,
+    "first_chunk_timeout_s": 5.0,
+    "retry_backoff_s": 0.01,
+    "replica_wait_s": 3.0,
+    "breaker_cooldown_s": 0.5,
+    "router": "round_robin",
+}

@@ -16,7 +16,7 @@ import threading
 
 import httpx
 import pytest
-from gateway_harness import ThreadServer, free_port, wait_until
+from gateway_harness import FAST_GATEWAY, ThreadServer, free_port, wait_until
 
 from fleetserve.gateway.api_keys import hash_key, load_api_keys, with_operator_key
 from fleetserve.gateway.app import create_app
@@ -29,16 +29,7 @@ from fleetserve.testing.fake_replica import ByteTokenizer, FakeReplica, FakeSett
 
 pytestmark = pytest.mark.timeout(60)
 
-FAST = {
-    "probe_interval_s": 0.1,
-    "probe_timeout_s": 2.0,
-    "stall_timeout_s": 0.5,
-    "first_chunk_timeout_s": 5.0,
-    "retry_backoff_s": 0.01,
-    "replica_wait_s": 3.0,
-    "breaker_cooldown_s": 5.0,
-    "router": "round_robin",
-}
+FAST = {**FAST_GATEWAY, "breaker_cooldown_s": 5.0}  # the breaker tests watch it stay shut
 OPERATOR = "op-secret"
 INTERNAL = "internal-secret"
 BODY = {"model": "fake", "prompt": "Once upon a time", "max_tokens": 4}

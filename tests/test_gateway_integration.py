@@ -9,7 +9,7 @@ import threading
 
 import httpx
 import pytest
-from gateway_harness import ThreadServer, sse_texts, wait_until
+from gateway_harness import FAST_GATEWAY, ThreadServer, sse_texts, wait_until
 
 from fleetserve.gateway.api_keys import hash_key, load_api_keys, with_operator_key
 from fleetserve.gateway.app import create_app
@@ -20,16 +20,7 @@ from fleetserve.testing.fake_replica import ByteTokenizer, FakeReplica, FakeSett
 
 pytestmark = pytest.mark.timeout(60)
 
-FAST = {
-    "probe_interval_s": 0.1,
-    "probe_timeout_s": 2.0,
-    "stall_timeout_s": 0.5,
-    "first_chunk_timeout_s": 5.0,
-    "retry_backoff_s": 0.01,
-    "replica_wait_s": 3.0,
-    "breaker_cooldown_s": 0.5,
-    "router": "round_robin",
-}
+FAST = FAST_GATEWAY
 
 
 OPERATOR_KEY = "operator-secret"
