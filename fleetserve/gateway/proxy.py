@@ -28,6 +28,7 @@ from fleetserve.gateway.stream import StreamSession, failure_status
 from fleetserve.gateway.upstream import UpstreamError, post_json
 from fleetserve.http.disconnect import ClientDisconnected, unless_disconnected
 from fleetserve.http.errors import error_body
+from fleetserve.http.request_id import request_id_or_new
 from fleetserve.http.responses import ClosingStreamingResponse
 
 logger = logging.getLogger(__name__)
@@ -151,16 +152,6 @@ def _finite_float(text: str) -> float:
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate, \ud800-\udfff
-MAX_REQUEST_ID_LEN = 256
-
-
-def client_request_id(given: str | None) -> str:
-    """The client's X-Request-Id when it is a short printable ASCII token (it is echoed and
-    sent upstream in headers), else a fresh one."""
-    given = (given or "").strip()
-    if 0 < len(given) <= MAX_REQUEST_ID_LEN and given.isascii() and given.isprintable():
-        return given
-    return uuid.uuid4().hex
 
 
 def parse_deadline(request: Request, gw: Gateway, now: float) -> float | None:
@@ -180,7 +171,7 @@ def parse_deadline(request: Request, gw: Gateway, now: float) -> float | None:
 
 
 async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bool) -> Response:
-    request_id = client_request_id(request.headers.get("x-request-id"))
+    request_id = request_id_or_new(request.headers.get("x-request-id"))
     now = gw.clock()
     try:
         key = authenticate(gw, request)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fleetserve.http.request_id import request_id_or_new
 from fleetserve.server.errors import error_body
-
-MAX_REQUEST_ID_LEN = 256
 
 
 class RequestIdMiddleware:
@@ -22,9 +20,8 @@ class RequestIdMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1").strip()
-        ok = 0 < len(given) <= MAX_REQUEST_ID_LEN and given.isprintable()
-        request_id = given if ok else uuid.uuid4().hex
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = request_id_or_new(given)
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
