@@ -284,3 +284,44 @@ def test_the_gateway_stays_healthy_at_zero_when_its_fleet_starts_replicas_on_dem
         controller(gw, StubSupervisor([]))
         answer = client.get("/health")
         assert answer.status_code == 200 and answer.json()["status"] == "scaled to zero"
+
+
+# ---- the commands ------------------------------------------------------------------------------
+
+
+def command(*argv: str) -> argparse.Namespace:
+    from fleetserve.cli import build_parser
+
+    return build_parser(list(argv)).parse_args(list(argv))
+
+
+def test_serve_runs_a_fleet_for_several_replicas_or_an_autoscaler():
+    from fleetserve.fleet.replicated import wants_fleet
+
+    assert not wants_fleet(command("serve", "m.gguf"))
+    assert not wants_fleet(command("serve", "m.gguf", "--replicas", "1"))
+    assert wants_fleet(command("serve", "m.gguf", "--replicas", "2"))
+    assert wants_fleet(command("serve", "m.gguf", "--min-replicas", "0"))
+    assert wants_fleet(command("serve", "m.gguf", "--max-replicas", "3"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["serve", "m.gguf", "--replicas", "5", "--max-replicas", "4"], "outside"),
+        (["serve", "m.gguf", "--min-replicas", "3", "--max-replicas", "2"], "min_replicas"),
+        (["serve", "m.gguf", "--max-replicas", "2", "--scale-down-delay", "-1"], ">= 0"),
+        (["gateway"], "give --replica URL"),
+        (["gateway", "--replica", "http://127.0.0.1:1", "--backend", "local"], "not both"),
+        (["gateway", "--replica", "http://127.0.0.1:1", "--model", "m"], "--model needs"),
+        (["gateway", "--replica", "http://127.0.0.1:1", "--min-replicas", "0"], "needs --backend"),
+        (["gateway", "--backend", "local", "--replicas", "0"], "--replicas must be >= 1"),
+        (["gateway", "--backend", "local", "--replicas", "3", "--max-replicas", "2"], "outside"),
+    ],
+)
+def test_bad_fleet_flags_are_refused_with_what_is_wrong(argv, error, capsys):
+    args = command(*argv)
+    with pytest.raises(SystemExit) as exit_:
+        args.func(args)
+    assert exit_.value.code == 2
+    assert error in capsys.readouterr().err
