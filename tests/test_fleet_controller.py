@@ -7,6 +7,7 @@ knob a flag and a config key."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import httpx
 import pytest
@@ -325,3 +326,34 @@ def test_bad_fleet_flags_are_refused_with_what_is_wrong(argv, error, capsys):
         args.func(args)
     assert exit_.value.code == 2
     assert error in capsys.readouterr().err
+
+
+def test_a_request_refused_at_zero_still_brings_a_replica():
+    # Its deadline was sooner than a cold start, so it got 503 and was never queued: without
+    # counting it the fleet would stay at zero and its retry would be refused again, forever.
+    clock = Clock()
+    gw = gateway(clock)
+    sup = StubSupervisor([])
+    sup.serving = []
+    ctl = controller(gw, sup)
+    assert ctl.tick().desired == 0
+    gw.turned_away = 1
+    clock.now = 1.0
+    decision = ctl.tick()
+    assert (decision.desired, decision.reason) == (1, "activate")
+    assert gw.turned_away == 0  # counted once
+
+
+def test_the_gateway_counts_and_reports_a_request_it_refuses_at_zero():
+    from fleetserve.gateway.gateway import NoReplica
+    from fleetserve.gateway.route_request import RouteRequest
+
+    clock = Clock()
+    gw = gateway(clock)
+    pokes = []
+    gw.dispatcher.cold_start_s = 30.0
+    gw.on_starved = lambda: pokes.append(clock.now)
+    with pytest.raises(NoReplica) as refused:
+        asyncio.run(gw.acquire(RouteRequest("a"), deadline=5.0))
+    assert refused.value.retry_after_s >= 30.0
+    assert gw.turned_away == 1 and pokes == [0.0]

@@ -10,8 +10,9 @@ Ray or Kubernetes backend gets the same decisions.
 
 Three hooks make scaling invisible to clients:
 
-- *Activation.* At zero replicas a request is held in the gateway's queue; the gateway calls
-  `poke` and the policy sees it at once (reason ``activate``), not a tick later.
+- *Activation.* At zero replicas a request is held in the gateway's queue (or, if its
+  deadline is too soon, refused with 503 and counted); the gateway calls `poke` and the
+  policy sees it at once (reason ``activate``), not a tick later.
 - *Cold starts.* Each measured start-to-ready time goes to the policy (its cooldowns are never
   shorter) and to the gateway's dispatcher, which holds a request only when the expected cold
   start meets its deadline and otherwise answers 503 with that Retry-After. Before the first
@@ -132,7 +133,10 @@ class FleetController:
         if not self.supervisor.serving:
             self._wake.set()
 
-    def snapshot(self) -> FleetSnapshot:
+    def snapshot(self, turned_away: int = 0) -> FleetSnapshot:
+        """What the policy sees now. `turned_away`: requests refused at zero (their deadline
+        was sooner than a cold start) since the last decision; they count as held ones, so
+        that a fleet at zero starts a replica for them too."""
         gw, now = self.gateway, self.clock()
         samples = []
         for rid in self.supervisor.replica_ids():
@@ -151,7 +155,7 @@ class FleetController:
         return FleetSnapshot(
             now=now,
             replicas=tuple(samples),
-            gateway_queued=len(gw.queue),
+            gateway_queued=len(gw.queue) + turned_away,
             gateway_in_flight=sum(r.outstanding for r in gw.replicas.values()),
             ttft_p90_s=gw.recent_ttft.quantile(now, 0.9),
             itl_p90_s=gw.recent_itl.quantile(now, 0.9),
@@ -159,7 +163,8 @@ class FleetController:
 
     def tick(self) -> ScaleDecision:
         """One decision, applied."""
-        decision = self.policy.decide(self.snapshot())
+        turned_away, self.gateway.turned_away = self.gateway.turned_away, 0
+        decision = self.policy.decide(self.snapshot(turned_away))
         failed = sum(1 for i in self.supervisor.serving if i in self.supervisor.failed)
         self.supervisor.set_target(
             decision.desired + failed, decision.remove, reason=decision.reason

@@ -124,6 +124,9 @@ class Gateway:
         # (scale from zero now, not at the next tick), and a replica's measured cold start.
         self.on_starved: Callable[[], None] | None = None
         self.on_cold_start: Callable[[float], None] | None = None
+        # Requests refused because no replica would be ready by their deadline, since the
+        # controller last looked: demand it must see although they are not queued.
+        self.turned_away = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -294,13 +297,16 @@ class Gateway:
             self._count(decision.replica)
             return decision.replica
         if isinstance(decision, Refused):
+            if decision.reason == COLD_START:
+                self.turned_away += 1
+                self._starved()
             raise _refusal(decision)
         assert isinstance(decision, Queued)
         ticket = decision.ticket
         if decision.displaced is not None:
             self._refuse(decision.displaced, DISPLACED)
-        if self.on_starved is not None and not self.any_accepting():
-            self.on_starved()
+        if not self.any_accepting():
+            self._starved()
         future = asyncio.get_running_loop().create_future()
         ticket.gone = future.done
         self._waiters[ticket] = future
@@ -321,6 +327,10 @@ class Gateway:
             self.metrics.queue_wait.observe(self.clock() - now)
             if not granted and _granted(future):  # the waiter was cancelled
                 self.release(future.result(), Outcome.NEUTRAL, None, request.request_id)
+
+    def _starved(self) -> None:
+        if self.on_starved is not None:
+            self.on_starved()
 
     async def route_now(self, request: RouteRequest, deadline: float | None) -> Replica:
         """A replica for a retry or a migration, waiting up to `replica_wait_s` (and the
