@@ -310,6 +310,7 @@ def test_serve_runs_a_fleet_for_several_replicas_or_an_autoscaler():
     ("argv", "error"),
     [
         (["serve", "m.gguf", "--replicas", "5", "--max-replicas", "4"], "outside"),
+        (["serve", "m.gguf", "--replicas", "0"], "--replicas must be >= 1"),
         (["serve", "m.gguf", "--min-replicas", "3", "--max-replicas", "2"], "min_replicas"),
         (["serve", "m.gguf", "--max-replicas", "2", "--scale-down-delay", "-1"], ">= 0"),
         (["gateway"], "give --replica URL"),

@@ -93,8 +93,8 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
 def wants_fleet(args: argparse.Namespace) -> bool:
     """Whether `fleetserve serve ARGS` runs a fleet (several replicas, or an autoscaler)
     rather than one replica server."""
-    if (args.replicas or 1) > 1:
-        return True
+    if args.replicas is not None and args.replicas != 1:
+        return True  # several, or a bad count `run_replicated` refuses
     try:
         return autoscaling_requested(args)
     except (ValueError, TypeError, OSError):
@@ -180,6 +180,8 @@ def run_replicated(args: argparse.Namespace) -> int:
             num = autoscaling.initial_replicas(args.replicas)
         else:
             num = int(args.replicas)
+            if num < 1:
+                raise ValueError(f"--replicas must be >= 1 without autoscaling, got {num}")
         max_failures = int(getattr(args, "replica_max_failures", DEFAULT_MAX_FAILURES))
         if max_failures < 1:
             raise ValueError(f"--replica-max-failures must be >= 1, got {max_failures}")
