@@ -1,15 +1,21 @@
 """`fleetserve gateway --replica URL ...`: one front door for replicas that already run; or
 `fleetserve gateway --backend local --model MODEL`: the gateway starts, supervises and (with
-`--min-replicas`/`--max-replicas`) autoscales its replicas on a fleet backend."""
+`--min-replicas`/`--max-replicas`) autoscales its replicas on a fleet backend; or
+`fleetserve gateway --discover kubernetes://NS/SERVICE`: it follows the replica pods of a
+Service, and publishes the replicas it wants for KEDA or an HPA."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import os
+import socket
 
 from fleetserve.fleet.backend import FLEET_BACKENDS
+from fleetserve.fleet.controller import AutoscalingSettings, FleetController
+from fleetserve.fleet.kubernetes import DiscoveryTarget, ExternalScaler, KubernetesDiscovery
 from fleetserve.fleet.options import add_autoscaling_arguments, autoscaling_from_args
 from fleetserve.fleet.replicated import FleetPlan, add_fleet_arguments, run_fleet
 from fleetserve.gateway.app import create_app
@@ -73,6 +79,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_gateway_arguments(p)
     add_http_limit_arguments(p)
+    p.add_argument(
+        "--discover",
+        metavar="kubernetes://NAMESPACE/SERVICE",
+        default=None,
+        help="follow the replica pods of a headless Service (its EndpointSlices, read with "
+        "the pod's ServiceAccount); with --min/--max-replicas the gateway publishes the "
+        "replicas it wants for KEDA or an HPA and holds requests at zero",
+    )
     fleet = p.add_argument_group("fleet", "with --backend: replicas this gateway starts")
     fleet.add_argument(
         "--backend",
@@ -103,31 +117,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
     quiet_http_client_logs()
+    sources = sum((bool(args.replica), args.backend is not None, args.discover is not None))
+    if sources != 1:
+        parser.error(
+            "give one of --replica URL (repeat for each replica), --backend NAME (the gateway "
+            "starts its replicas) or --discover kubernetes://NAMESPACE/SERVICE"
+        )
     if args.backend is not None:
-        if args.replica:
-            parser.error("give --replica URLs or --backend, not both")
         return _run_backend(args, parser)
-    if not args.replica:
-        parser.error("give --replica URL (repeat for each replica), or --backend")
     for name in ("model", "serve_config", "replicas"):
         if getattr(args, name) is not None:
             parser.error(f"--{name.replace('_', '-')} needs --backend")
-    try:
-        if autoscaling_from_args(args) is not None:
-            parser.error("autoscaling needs --backend: the gateway cannot start --replica URLs")
-    except (ValueError, OSError) as exc:
-        parser.error(str(exc))
+    urls = args.replica or []
     kinds = args.replica_kind or ["fleetserve"]
-    if len(kinds) not in (1, len(args.replica)):
+    if len(kinds) not in (1, len(urls)):
         parser.error("give --replica-kind once, or once per --replica")
     if len(kinds) == 1:
-        kinds = kinds * len(args.replica)
+        kinds = kinds * len(urls)
     try:
+        autoscaling = autoscaling_from_args(args)
+        if autoscaling is not None and args.discover is None:
+            raise ValueError(
+                "autoscaling needs --backend or --discover: the gateway cannot start --replica URLs"
+            )
         config = config_from_args(args)
         api_keys = api_keys_from_args(args)
         limits = HttpLimits.from_options(vars(args))
-        for url in args.replica:
+        for url in urls:
             check_replica_url(url)
+        discovery = None
+        if args.discover is not None:
+            discovery = KubernetesDiscovery(DiscoveryTarget.parse(args.discover))
     except (ValueError, TypeError, OSError) as exc:
         parser.error(str(exc))
     try:
@@ -138,17 +158,45 @@ def main(args: argparse.Namespace) -> int:
     try:
         tokenizer = load_tokenizer(args.tokenizer, files) if args.tokenizer else None
         gw = Gateway(config, api_keys, tokenizer, upstream_api_key=os.environ.get(UPSTREAM_KEY_ENV))
-        for url, kind in zip(args.replica, kinds, strict=True):
+        for url, kind in zip(urls, kinds, strict=True):
             gw.add_replica(url, ReplicaKind(kind))
-        print(
-            f"fleetserve gateway: {len(args.replica)} replicas behind "
-            f"http://{args.host}:{sock.getsockname()[1]} (router {config.router})",
-            flush=True,
-        )
-        run(serve_app(create_app(gw), sock, graceful_s=args.drain_timeout, limits=limits))
+        front = f"http://{args.host}:{sock.getsockname()[1]}"
+        what = f"{len(urls)} replicas" if discovery is None else f"replicas of {args.discover}"
+        print(f"fleetserve gateway: {what} behind {front} (router {config.router})", flush=True)
+        run(_serve(gw, sock, args.drain_timeout, limits, discovery, autoscaling))
     finally:
         files.cleanup()
     return 0
+
+
+async def _serve(
+    gw: Gateway,
+    sock: socket.socket,
+    graceful_s: float,
+    limits: HttpLimits,
+    discovery: KubernetesDiscovery | None,
+    autoscaling: AutoscalingSettings | None,
+) -> None:
+    """The gateway's app, with its replica discovery and (for a fleet Kubernetes scales
+    from the published desired-replicas metric) its autoscaler alongside."""
+    tasks = []
+    if discovery is not None:
+        tasks.append(asyncio.create_task(discovery.run(gw), name="discovery"))
+        if autoscaling is not None:
+            controller = FleetController(
+                gw,
+                ExternalScaler(gw, discovery),
+                autoscaling.new_policy(),
+                interval_s=autoscaling.interval_s,
+                cold_start_estimate_s=autoscaling.cold_start_estimate_s,
+            )
+            tasks.append(asyncio.create_task(controller.run(), name="autoscaler"))
+    try:
+        await serve_app(create_app(gw), sock, graceful_s=graceful_s, limits=limits)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _run_backend(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -6,7 +6,9 @@ collector), so they never go stale between requests.
 Scaling: `fleetserve:gateway_desired_replicas` is the number of replicas the fleet's
 supervisor was last asked to keep (loading + ready; draining ones excluded). It is the
 signal for an external scaler: a Kubernetes HPA (through prometheus-adapter, as an
-external metric with `target.type: Value`) or a KEDA `prometheus` trigger reads it and
+external metric with `target: {type: AverageValue, averageValue: "1"}`, so that it wants
+metric / 1 pods; a `Value` target would multiply the current size by metric / target) or a
+KEDA `prometheus` trigger (`metricType: AverageValue`, `threshold: "1"`) reads it and
 sets the Deployment's replicas to it. `fleetserve:gateway_replicas{state}` counts the
 replicas by state (always loading, ready, draining and failed; down and not_ready when
 some are), `..._scale_events_total{direction,reason}` one per change of the target, and
