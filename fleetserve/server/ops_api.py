@@ -1,5 +1,6 @@
-"""Operations routes: /health (open, for probes), and the operator's /metrics and KV-event
-stream (for the gateway's router), which need --operator-key once any key is configured."""
+"""Operations routes: /health and /health/live (open, for probes), and the operator's
+/metrics and KV-event stream (for the gateway's router), which need --operator-key once any
+key is configured."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from fleetserve.http.responses import ClosingStreamingResponse
 from fleetserve.http.sse import SSE_HEADERS, sse_event
 from fleetserve.server.errors import APIError, error_response
-from fleetserve.server.state import ServerState, get_state, require_operator_key
+from fleetserve.server.state import Phase, ServerState, get_state, require_operator_key
 
 State = Annotated[ServerState, Depends(get_state)]
 
@@ -32,6 +33,18 @@ async def health(state: State) -> Response:
     except APIError as exc:
         return error_response(exc)
     return JSONResponse({"status": "ok"})
+
+
+@router.get("/health/live", responses={503: {"description": "the engine failed or died"}})
+async def live(state: State) -> Response:
+    """Liveness, for a probe that restarts the process: 200 while it loads, serves or
+    drains (a liveness probe on /health would kill a replica in the middle of its drain);
+    503 once its model failed to load or its engine died."""
+    if state.phase in (Phase.FAILED, Phase.DEAD):
+        return error_response(
+            APIError(503, f"the replica is {state.phase.value}", code=state.phase.value)
+        )
+    return JSONResponse({"status": state.phase.value})
 
 
 @router.get("/metrics", dependencies=operator, tags=["operator"])
