@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
+# Tools the tests need beyond Python packages (helm for the chart tests), pinned, in .tools/.
+HELM := .tools/bin/helm
 
 .PHONY: serve test lint setup
 
@@ -23,8 +25,11 @@ $(STAMP): requirements.lock pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/fleetserve serve --port $(PORT)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+$(HELM): deploy/install_helm.py | $(STAMP)
+	$(PY) deploy/install_helm.py .tools
+
+test: $(STAMP) $(HELM)
+	FLEETSERVE_REQUIRE_TOOLS=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fleetserve tests benchmarks

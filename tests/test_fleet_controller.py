@@ -282,6 +282,7 @@ def test_the_gateway_stays_healthy_at_zero_when_its_fleet_starts_replicas_on_dem
     gw = gateway(Clock())
     with TestClient(create_app(gw)) as client:
         assert client.get("/health").status_code == 503  # fixed URLs, none ready: nothing comes
+        assert client.get("/health/live").status_code == 200  # but the gateway is alive
         controller(gw, StubSupervisor([]))
         answer = client.get("/health")
         assert answer.status_code == 200 and answer.json()["status"] == "scaled to zero"

@@ -94,6 +94,11 @@ def create_app(gw: Gateway) -> FastAPI:
             503 if status == "no replica ready" else 200,
         )
 
+    @app.get("/health/live")
+    async def live() -> Response:
+        """Liveness: the gateway answers (whether or not any replica does)."""
+        return JSONResponse({"status": "ok"})
+
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         authenticate_operator(gw, request, admin_api=False)
