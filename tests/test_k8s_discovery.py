@@ -277,3 +277,16 @@ def test_the_external_scaler_publishes_the_target_for_keda_or_an_hpa():
     assert "fleetserve:gateway_desired_replicas 1.0" in metrics
     assert 'scale_events_total{direction="up",reason="activate"} 1.0' in metrics
     assert gw.replicas == {}  # nothing was started: Kubernetes does that
+
+
+def test_a_replica_an_operator_removed_while_it_loaded_comes_back_when_ready():
+    gw = Gateway(GatewayConfig())
+    discovery = KubernetesDiscovery(
+        DiscoveryTarget("llm", "fleet-replicas"), api_url="http://127.0.0.1:9", token="t"
+    )
+    loading = Endpoint("rep-0", "http://10.0.0.5:8000", ready=False, terminating=False)
+    discovery.apply(gw, {"rep-0": loading})
+    gw.remove_replica("rep-0")  # DELETE /admin/replicas/rep-0
+    ready = Endpoint("rep-0", "http://10.0.0.5:8000", ready=True, terminating=False)
+    discovery.apply(gw, {"rep-0": ready})  # raised KeyError and stopped the discovery
+    assert gw.replicas["rep-0"].url == ready.url and not gw.replicas["rep-0"].down

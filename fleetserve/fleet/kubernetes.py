@@ -230,6 +230,8 @@ class KubernetesDiscovery:
                     self.discovered[rid] = (ep.url, "loading")
             elif change.action == "ready":
                 assert ep is not None
+                if rid not in gw.replicas:  # an operator removed it while it loaded
+                    gw.mark_loading(rid, ep.url)
                 gw.mark_up(rid, ep.url)
                 self.discovered[rid] = (ep.url, "ready")
             elif change.action == "drain":
@@ -253,6 +255,8 @@ class KubernetesDiscovery:
                     if not failing:
                         logger.warning("replica discovery failed (retrying): %s", exc)
                     failing = True
+                except Exception:  # a bug here must not stop the discovery for good
+                    logger.exception("replica discovery crashed (retrying)")
                 await asyncio.sleep(self.interval_s)
 
 
