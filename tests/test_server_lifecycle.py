@@ -76,7 +76,7 @@ def test_loading_503_then_sigterm_drains(tiny_llama, tmp_path):
         r = httpx.post(url + "/v1/completions", json={"prompt": "hi"})
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "loading"
-        live = httpx.get(url + "/health/live")  # alive while it loads: no restart
+        live = httpx.get(url + "/health/live", timeout=30)  # alive while loading: no restart
         assert live.status_code == 200 and live.json()["status"] == "loading"
         assert r.headers["retry-after"]
         r = httpx.get(url + "/v1/models")  # not listed until it can be used
@@ -90,7 +90,7 @@ def test_loading_503_then_sigterm_drains(tiny_llama, tmp_path):
         wait_until(lambda: httpx.get(url + "/health").status_code == 503, what="/health 503")
         r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
-        assert httpx.get(url + "/health/live").status_code == 200  # draining is alive
+        assert httpx.get(url + "/health/live", timeout=30).status_code == 200  # draining: alive
         assert replica.proc.poll() is None, "exited before the stream finished"
         stream.join()
         assert stream.error is None
@@ -132,8 +132,12 @@ def test_queue_full_429_and_engine_death(tiny_llama, tmp_path):
 
         os.kill(engine_core_pid(replica), signal.SIGKILL)
         wait_until(lambda: httpx.get(url + "/health").status_code == 503, what="/health 503")
-        live = httpx.get(url + "/health/live")  # dead: a liveness probe restarts it
-        assert live.status_code == 503 and live.json()["error"]["code"] == "dead", live.text
+        # dead: a liveness probe restarts it (once the engine client notices, a poll later)
+        live = wait_until(
+            lambda: (r := httpx.get(url + "/health/live")).status_code == 503 and r,
+            what="/health/live 503",
+        )
+        assert live.json()["error"]["code"] == "dead", live.text
         running.join()
         assert isinstance(running.error, openai.APIError), running.error
         assert running.finish_reason is None

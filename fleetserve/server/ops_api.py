@@ -40,11 +40,12 @@ async def live(state: State) -> Response:
     """Liveness, for a probe that restarts the process: 200 while it loads, serves or
     drains (a liveness probe on /health would kill a replica in the middle of its drain);
     503 once its model failed to load or its engine died."""
-    if state.phase in (Phase.FAILED, Phase.DEAD):
-        return error_response(
-            APIError(503, f"the replica is {state.phase.value}", code=state.phase.value)
-        )
-    return JSONResponse({"status": state.phase.value})
+    phase = state.phase
+    if phase is not Phase.LOADING and getattr(state.engine, "dead", None):  # not yet DEAD
+        phase = Phase.DEAD
+    if phase in (Phase.FAILED, Phase.DEAD):
+        return error_response(APIError(503, f"the replica is {phase.value}", code=phase.value))
+    return JSONResponse({"status": phase.value})
 
 
 @router.get("/metrics", dependencies=operator, tags=["operator"])
