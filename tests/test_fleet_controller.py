@@ -90,6 +90,29 @@ def test_the_snapshot_shows_the_policy_each_replica_as_it_counts_them():
     assert snap.ttft_p90_s is None and snap.itl_p90_s is None
 
 
+def test_a_draining_or_restarting_replica_counts_only_what_is_still_on_it():
+    # Its last /metrics scrape predates its streams moving away: counted, the 10 streams now
+    # on r0 were counted twice and the fleet scaled straight back up after a scale-down.
+    clock = Clock()
+    gw = gateway(clock)
+    add(gw, "r0", ready=True)
+    add(gw, "r1", ready=True, draining=True)
+    add(gw, "r2", down=True)  # exited: restarting
+    gw.replicas["r0"].load.running = 10
+    for rid, outstanding in (("r0", 10), ("r1", 0), ("r2", 0)):
+        gw.replicas[rid].load.running = 5 if rid != "r0" else 10  # stale for r1 and r2
+        gw.replicas[rid].outstanding = outstanding
+    snap = controller(gw, StubSupervisor(["r0", "r1", "r2"])).snapshot()
+    assert [(r.id, r.running + r.waiting) for r in snap.replicas] == [
+        ("r0", 10),
+        ("r1", 0),
+        ("r2", 0),
+    ]
+    gw.replicas["r1"].outstanding = 3  # still finishing three streams there
+    snap = controller(gw, StubSupervisor(["r0", "r1", "r2"])).snapshot()
+    assert snap.replicas[1].running == 3
+
+
 def test_recent_latencies_reach_the_policy_as_p90_over_its_window():
     clock = Clock()
     gw = gateway(clock)

@@ -141,14 +141,23 @@ class FleetController:
         samples = []
         for rid in self.supervisor.replica_ids():
             replica = gw.replicas.get(rid)
-            load = replica.load if replica is not None else None
+            state = policy_state(replica)
+            running, waiting, kv = 0, 0, 0.0
+            if replica is not None and state == "ready":
+                load = replica.load
+                running, waiting, kv = load.running, load.waiting, load.kv_cache_usage
+            elif replica is not None and state == "draining":
+                # What is still on it is what this gateway has there: its last /metrics
+                # scrape may predate its streams moving away (counted twice, they scaled the
+                # fleet straight back up).
+                running = min(replica.load.running + replica.load.waiting, replica.outstanding)
             samples.append(
                 ReplicaSample(
                     id=rid,
-                    state=policy_state(replica),
-                    running=load.running if load else 0,
-                    waiting=load.waiting if load else 0,
-                    kv_cache_usage=load.kv_cache_usage if load else 0.0,
+                    state=state,
+                    running=running,
+                    waiting=waiting,
+                    kv_cache_usage=kv,
                     started_at=(replica.started_at if replica else None) or now,
                 )
             )
