@@ -41,6 +41,8 @@ CATEGORIES = [
             "aten::mul",
             "aten::add",
             "aten::pow",
+            "aten::rms_norm",
+            "aten::_fused_rms_norm",
             "aten::rsqrt",
             "aten::mean",
             "aten::silu",
