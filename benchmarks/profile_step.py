@@ -21,7 +21,10 @@ from throughput import OUT, build_random_100m, smollm2_path
 from torch.profiler import ProfilerActivity, profile
 
 CATEGORIES = [
-    ("matmuls (linear layers, lm_head)", ("aten::mm", "aten::addmm", "aten::_int_mm")),
+    (
+        "matmuls (linear layers, lm_head)",
+        ("aten::mm", "aten::addmm", "aten::_int_mm", "mkldnn::_linear_pointwise"),
+    ),
     ("KV gather (paged blocks -> dense)", ("aten::index",)),
     (
         "attention math (bmm, softmax, mask)",
@@ -38,6 +41,8 @@ CATEGORIES = [
             "aten::mul",
             "aten::add",
             "aten::pow",
+            "aten::rms_norm",
+            "aten::_fused_rms_norm",
             "aten::rsqrt",
             "aten::mean",
             "aten::silu",

@@ -31,6 +31,7 @@ from fleetserve.attention import (
     get_backend,
 )
 from fleetserve.models import Int8Linear, load_model, load_tokenizer
+from fleetserve.models.packed_linear import PackedLinear
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VARIANTS = {  # name -> (dtype, quantization)
@@ -72,7 +73,7 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
     linear = sum(
         size([*m.parameters(recurse=False), *m.buffers(recurse=False)])
         for m in model.model.layers.modules()
-        if isinstance(m, (nn.Linear, Int8Linear))
+        if isinstance(m, (nn.Linear, PackedLinear, Int8Linear))
     )
     return total, linear
 

@@ -15,6 +15,7 @@ from fleetserve.attention import (
     get_backend,
 )
 from fleetserve.models import Int8Linear, load_model, load_tokenizer
+from fleetserve.models.packed_linear import PackedLinear
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -112,7 +113,7 @@ def test_smollm2_int8(smollm2, smollm2_gguf, prompt_ids):
         return sum(
             t.numel() * t.element_size()
             for m in model.model.layers.modules()
-            if isinstance(m, (nn.Linear, Int8Linear))
+            if isinstance(m, (nn.Linear, PackedLinear, Int8Linear))
             for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
         )
 

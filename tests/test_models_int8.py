@@ -53,7 +53,7 @@ def test_int8_swaps_decoder_linears_only(tiny_checkpoints):
 
 
 def test_int8_memory(tiny_checkpoints):
-    fp32, _ = load_model(tiny_checkpoints["llama"])
+    fp32, _ = load_model(tiny_checkpoints["llama"], packed=False)  # plain nn.Linear weights
     int8, _ = load_model(tiny_checkpoints["llama"], quantization="int8")
     ratio = _linear_bytes(fp32) / _linear_bytes(int8)
     # 4 bytes -> 1 byte per weight, plus one fp32 scale per output row: 4 * K / (K + 4)

@@ -152,9 +152,14 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (n, hidden_size) -> (n, vocab_size) float32."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        """hidden: (n, hidden_size) -> (n, vocab_size) float32. An ``lm_head`` may be any
+        module that maps hidden states to logits (``pack_linears`` gives a tied model one)."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     def init_buffers(self, device: torch.device) -> None:
         self.model.rotary_emb.init_buffers(device)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fleetserve.models.config import ModelConfig
 from fleetserve.models.gguf_loader import gguf_config, iter_gguf_tensors, open_gguf
+from fleetserve.models.packed_linear import pack_linears
 from fleetserve.models.quantization import QUANTIZATION_METHODS, quantize_int8
 from fleetserve.models.registry import get_arch_spec
 from fleetserve.models.safetensors_loader import (
@@ -85,6 +86,7 @@ def load_model(
     device: str | torch.device = "cpu",
     quantization: str | None = None,
     progress: bool = False,
+    packed: bool = True,
 ) -> tuple[nn.Module, ModelConfig]:
     """Loads a decoder model for inference (eval mode, no grads).
 
@@ -93,6 +95,8 @@ def load_model(
     quantization: None, or "int8": weight-only int8 for every Linear of the decoder layers;
         embeddings, lm_head and norms stay in ``dtype``.
     progress: a tqdm bar over the checkpoint's tensors.
+    packed: on CPU, reorder float Linear weights once for oneDNN (``pack_linears``); False
+        keeps plain ``F.linear``, the reference.
     """
     if quantization is not None and quantization not in QUANTIZATION_METHODS:
         raise ValueError(
@@ -118,6 +122,8 @@ def load_model(
         model.load_weights(bar)
         if quantization == "int8":
             quantize_int8(model.model.layers)
+        if packed:
+            pack_linears(model)
     model.eval().requires_grad_(False)
     logger.info(
         "loaded %s (%s, %d layers) as %s on %s%s",
