@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from fleetserve.engine.config import EngineConfig
 from fleetserve.engine.kv_cache_manager import KVCacheManager, KVEvent
@@ -35,6 +36,7 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
     # torch-heavy; keep `import fleetserve` light
     import torch
 
+    from fleetserve.attention import cpu_extension
     from fleetserve.engine import device as devices
     from fleetserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
     from fleetserve.models import load_model
@@ -44,9 +46,26 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
     elif os.cpu_count():
         torch.set_num_threads(os.cpu_count())
     device = devices.resolve(config.device)
+    dtype_name = config.dtype
+    checkpoint = _checkpoint_dtype(config.model)
+    if checkpoint is not None:
+        caps = devices.capabilities(device)
+        dtype_name, why = devices.choose_dtype(config.dtype, checkpoint, caps)
+        logger.info("dtype %s -> %s: %s", config.dtype, dtype_name, why)
+    backend, why = devices.choose_attention_backend(
+        config.attention_backend, device, cpu_extension.available
+    )
+    fell_back = config.attention_backend == "auto" and device.type == "cpu" and backend == "torch"
+    logger.log(
+        logging.WARNING if fell_back else logging.INFO,
+        "attention backend %s -> %s: %s",
+        config.attention_backend,
+        backend,
+        why,
+    )
     model, model_config = load_model(
         config.model,
-        dtype=config.dtype,
+        dtype=dtype_name,
         device=device,
         quantization=config.quantization,
         progress=progress,
@@ -75,7 +94,7 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
         block_size=block_size,
         device=device,
         dtype=dtype,
-        attention_backend=config.attention_backend,
+        attention_backend=backend,
         seed=config.seed,
     )
     logger.info(
@@ -92,6 +111,20 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
         max_model_len=model_len,
     )
     return EngineCore(runner, scheduler_config, config.enable_prefix_caching)
+
+
+def _checkpoint_dtype(path: str) -> str | None:
+    """The dtype the checkpoint stores, from its config alone (no tensors read): a GGUF's
+    tensors are dequantized to float32. None when unreadable: `load_model` says why."""
+    from fleetserve.models.config import ModelConfig
+
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return "float32"
+    try:
+        return ModelConfig.from_hf_folder(p).torch_dtype
+    except (OSError, ValueError):
+        return None
 
 
 class EngineCore:
