@@ -47,23 +47,46 @@ inline const float* as_float(const T* src, float* buf, int64_t n) {
   }
 }
 
+template <int64_t HD>
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  if constexpr (HD > 0) n = HD;
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
   return s;
 }
 
+// a = a * alpha + sum_j p[j] * v[j]: v is [n, head_dim]. With head_dim known, the sum runs
+// in a local array that the compiler keeps in registers.
+template <int64_t HD>
+inline void accumulate(float* __restrict a, float alpha, const float* __restrict p,
+                       const float* __restrict v, int64_t n, int64_t head_dim) {
+  if constexpr (HD > 0) {
+    float sum[HD];
+    for (int64_t d = 0; d < HD; ++d) sum[d] = a[d] * alpha;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < HD; ++d) sum[d] += p[j] * v[j * HD + d];
+    for (int64_t d = 0; d < HD; ++d) a[d] = sum[d];
+  } else {
+    for (int64_t d = 0; d < head_dim; ++d) a[d] *= alpha;
+    for (int64_t j = 0; j < n; ++j)
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) a[d] += p[j] * v[j * head_dim + d];
+  }
+}
+
 struct Task {
   int64_t seq, kv_head, row_begin, row_end;
 };
 
-template <typename T>
+// HD > 0 fixes head_dim at compile time, so that the loops over it unroll into registers;
+// HD == 0 reads it from q.
+template <typename T, int64_t HD>
 void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
          const at::Tensor& block_tables, const std::vector<int64_t>& qsl,
          const std::vector<int64_t>& seq_lens, const std::vector<int64_t>& seqs,
          double scale_d) {
-  const int64_t num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_heads = q.size(1), head_dim = HD > 0 ? HD : q.size(2);
   const int64_t num_kv_heads = kv_cache.size(1), num_blocks = kv_cache.size(2);
   const int64_t block_size = kv_cache.size(3);
   const int64_t group = num_heads / num_kv_heads;
@@ -120,7 +143,7 @@ void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
             const float* qv = qf.data() + qi * head_dim;
             float block_max = kNoScore;
             for (int64_t j = 0; j < visible; ++j) {
-              p[j] = dot(qv, k + j * head_dim, head_dim);
+              p[j] = dot<HD>(qv, k + j * head_dim, head_dim);
               block_max = std::max(block_max, p[j]);
             }
             const float new_m = std::max(m[qi], block_max);
@@ -133,13 +156,7 @@ void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
             l[qi] = l[qi] * alpha + sum;
             m[qi] = new_m;
             float* a = acc.data() + qi * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) a[d] *= alpha;
-            for (int64_t j = 0; j < visible; ++j) {
-              const float pj = p[j];
-              const float* vj = v + j * head_dim;
-#pragma omp simd
-              for (int64_t d = 0; d < head_dim; ++d) a[d] += pj * vj[d];
-            }
+            accumulate<HD>(a, alpha, p.data(), v, visible, head_dim);
           }
         }
       }
@@ -151,6 +168,21 @@ void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
         }
     }
   });
+}
+
+template <typename T>
+void dispatch_head_dim(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                       const at::Tensor& block_tables, const std::vector<int64_t>& qsl,
+                       const std::vector<int64_t>& lens, const std::vector<int64_t>& seqs,
+                       double scale) {
+  switch (q.size(2)) {
+    case 64:
+      return run<T, 64>(out, q, kv_cache, block_tables, qsl, lens, seqs, scale);
+    case 128:
+      return run<T, 128>(out, q, kv_cache, block_tables, qsl, lens, seqs, scale);
+    default:
+      return run<T, 0>(out, q, kv_cache, block_tables, qsl, lens, seqs, scale);
+  }
 }
 
 // Attention of the query rows of sequences `seqs` against the paged cache, written into
@@ -187,12 +219,12 @@ void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_c
     for (int64_t j = 0; j < used; ++j)
       TORCH_CHECK(row[j] >= 0 && row[j] < kv_cache.size(2), "block id out of range: ", row[j]);
   }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "paged_attention supports float32 and bfloat16, not ", q.scalar_type());
   if (q.scalar_type() == at::kFloat) {
-    run<float>(out, q, kv_cache, block_tables, qsl, lens, todo, scale);
-  } else if (q.scalar_type() == at::kBFloat16) {
-    run<at::BFloat16>(out, q, kv_cache, block_tables, qsl, lens, todo, scale);
+    dispatch_head_dim<float>(out, q, kv_cache, block_tables, qsl, lens, todo, scale);
   } else {
-    TORCH_CHECK(false, "paged_attention supports float32 and bfloat16, not ", q.scalar_type());
+    dispatch_head_dim<at::BFloat16>(out, q, kv_cache, block_tables, qsl, lens, todo, scale);
   }
 }
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fleetserve.engine.device import Capabilities, choose_attention_backend, choose_dtype
+from fleetserve.engine.device import (
+    Capabilities,
+    checkpoint_dtype,
+    choose_attention_backend,
+    choose_dtype,
+)
 
 AVX2_ONLY = Capabilities("cpu", frozenset({"avx2", "fma", "avx"}))
 AVX512_BF16 = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16"}))
@@ -65,3 +70,9 @@ def test_auto_backend_falls_back_to_torch_and_says_why():
 def test_an_explicit_backend_is_kept():
     choice = choose_attention_backend("torch", torch.device("cpu"), never_asked)
     assert choice == ("torch", "as asked")
+
+
+def test_checkpoint_dtype_reads_the_config_alone(tiny_llama, tmp_path):
+    assert checkpoint_dtype(str(tiny_llama)) == "float32"
+    assert checkpoint_dtype(str(tmp_path / "model.gguf")) == "float32"  # dequantized on load
+    assert checkpoint_dtype(str(tmp_path)) is None  # no config.json: load_model says why

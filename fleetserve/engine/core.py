@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from fleetserve.engine.config import EngineConfig
 from fleetserve.engine.kv_cache_manager import KVCacheManager, KVEvent
@@ -47,7 +46,7 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
         torch.set_num_threads(os.cpu_count())
     device = devices.resolve(config.device)
     dtype_name = config.dtype
-    checkpoint = _checkpoint_dtype(config.model)
+    checkpoint = devices.checkpoint_dtype(config.model)
     if checkpoint is not None:
         caps = devices.capabilities(device)
         dtype_name, why = devices.choose_dtype(config.dtype, checkpoint, caps)
@@ -111,20 +110,6 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
         max_model_len=model_len,
     )
     return EngineCore(runner, scheduler_config, config.enable_prefix_caching)
-
-
-def _checkpoint_dtype(path: str) -> str | None:
-    """The dtype the checkpoint stores, from its config alone (no tensors read): a GGUF's
-    tensors are dequantized to float32. None when unreadable: `load_model` says why."""
-    from fleetserve.models.config import ModelConfig
-
-    p = Path(path)
-    if p.suffix == ".gguf":
-        return "float32"
-    try:
-        return ModelConfig.from_hf_folder(p).torch_dtype
-    except (OSError, ValueError):
-        return None
 
 
 class EngineCore:

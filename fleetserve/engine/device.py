@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -71,6 +72,20 @@ def choose_dtype(requested: str, checkpoint: str, caps: Capabilities) -> tuple[s
     )
 
 
+def checkpoint_dtype(path: str) -> str | None:
+    """The dtype the checkpoint stores, from its config alone (no tensors read): a GGUF's
+    tensors are dequantized to float32. None when unreadable: `load_model` says why."""
+    from fleetserve.models.config import ModelConfig
+
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return "float32"
+    try:
+        return ModelConfig.from_hf_folder(p).torch_dtype
+    except (OSError, ValueError):
+        return None
+
+
 def choose_attention_backend(
     requested: str, device: torch.device, kernel_problem: Callable[[], str | None]
 ) -> tuple[str, str]:
@@ -112,3 +127,16 @@ def _available_host_memory() -> int:
     except OSError:
         pass
     return 8 * 2**30
+
+
+if __name__ == "__main__":
+    # For benchmark scripts, which run every engine in the dtype fleetserve would choose:
+    #   python -m fleetserve.engine.device MODEL  ->  the dtype on stdout, the reason on stderr
+    import sys
+
+    stored = checkpoint_dtype(sys.argv[1])
+    if stored is None:
+        sys.exit(f"cannot read the config of {sys.argv[1]}")
+    chosen, reason = choose_dtype("auto", stored, capabilities(torch.device("cpu")))
+    print(chosen)
+    print(f"dtype auto -> {chosen}: {reason}", file=sys.stderr)
