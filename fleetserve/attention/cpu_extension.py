@@ -74,6 +74,7 @@ def _compile(flags: tuple[str, ...], out: Path) -> None:
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     libs = library_paths()
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # replicas starting together build apart
     cmd = [
         os.environ.get("CXX", "g++"),
         *flags,
@@ -89,10 +90,8 @@ def _compile(flags: tuple[str, ...], out: Path) -> None:
         "-lc10",
         "-ltorch_cpu",
         "-o",
-        str(out),
+        str(tmp),
     ]
-    tmp = out.with_suffix(".tmp")
-    cmd[-1] = str(tmp)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ExtensionUnavailable(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
