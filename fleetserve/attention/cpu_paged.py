@@ -4,10 +4,9 @@ Same cache layout as the torch reference, ``(2, num_kv_heads, num_blocks, block_
 head_dim)``, so the two are interchangeable on one cache; the K/V write is the reference's
 ``index_copy_``. The kernel takes decodes and short chunks over cached tokens; longer chunks
 go to SDPA, whose GEMM-based kernels are faster once a chunk has tens of rows (one core,
-fp32, SmolLM2's heads, CPU time of one run on a busy machine: the kernel took 0.45x torch's
-time for 8 rows after 128 cached, 0.8x for 16 after 512, 1.1x for 32 after 512, 1.3x for 128
-after 512). What the kernel does not
-cover (a CUDA cache, float16) goes to the reference. Constructing it raises
+fp32, SmolLM2's heads, best CPU time of 5: the kernel took 0.45x torch's time for 8 rows
+after 128 cached, 0.85x for 16 after 512, 1.05x for 32 after 512, 1.3x for 128 after 512).
+What the kernel does not cover (a CUDA cache, float16) goes to the reference. Constructing it raises
 `ExtensionUnavailable` when the kernel cannot be built or loaded.
 """
 
