@@ -6,10 +6,19 @@ STAMP := $(VENV)/.installed
 PORT ?= 8000
 # Tools the tests need beyond Python packages (helm for the chart tests), pinned, in .tools/.
 HELM := .tools/bin/helm
+# The C++ paged-attention kernel, compiled for this machine (cached under build/; see
+# fleetserve/attention/cpu_extension.py). Without a compiler the engine uses the torch backend.
+EXT_STAMP := build/fleetserve-ext/.built
 
-.PHONY: serve test lint setup
+.PHONY: serve test lint setup ext
 
 setup: $(STAMP)
+
+ext: $(EXT_STAMP)
+
+$(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp) fleetserve/attention/cpu_extension.py
+	@$(PY) -m fleetserve.attention.cpu_extension && mkdir -p $(@D) && touch $@ || \
+		echo "make: no C++ kernel on this machine; the engine falls back to the torch backend"
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +31,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-serve: $(STAMP)
+serve: $(STAMP) $(EXT_STAMP)
 	$(VENV)/bin/fleetserve serve --port $(PORT)
 
 $(HELM): deploy/install_helm.py | $(STAMP)
 	$(PY) deploy/install_helm.py .tools
 
-test: $(STAMP) $(HELM)
+test: $(STAMP) $(EXT_STAMP) $(HELM)
 	FLEETSERVE_REQUIRE_TOOLS=1 $(PY) -m pytest -q
 
 lint: $(STAMP)

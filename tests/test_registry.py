@@ -67,11 +67,11 @@ def test_entries_must_be_module_colon_attr(target):
 def test_every_attention_backend_resolves():
     from fleetserve.attention import ATTENTION_BACKENDS, AttentionBackend, get_backend
 
-    assert ATTENTION_BACKENDS.names() == ["torch"]
+    assert ATTENTION_BACKENDS.names() == ["cpu", "torch"]
     for name, cls in ATTENTION_BACKENDS.items():
         assert issubclass(cls, AttentionBackend) and cls.name == name
         assert isinstance(get_backend(name), cls)
-    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'.*\['torch'\]"):
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'.*\['cpu', 'torch'\]"):
         get_backend("flash")
 
 

@@ -17,6 +17,7 @@ ATTENTION_BACKENDS: Registry[type[AttentionBackend]] = Registry(
     "attention backend",
     {
         "torch": "fleetserve.attention.torch_ref:TorchAttention",
+        "cpu": "fleetserve.attention.cpu_paged:CpuPagedAttention",
     },
 )
 

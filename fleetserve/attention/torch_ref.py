@@ -21,11 +21,7 @@ class TorchAttention(AttentionBackend):
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        slots = kv_cache.view(2, num_kv_heads, -1, head_dim)  # [2, H_kv, num_slots, D]
-        slots[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(kv_cache.dtype))
-        slots[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(kv_cache.dtype))
-
+        self.write_kv(k, v, kv_cache, meta)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
@@ -36,6 +32,14 @@ class TorchAttention(AttentionBackend):
                 q[start:end], k[start:end], v[start:end], kv_cache, meta, i, scale
             )
         return out
+
+    @staticmethod
+    def write_kv(k, v, kv_cache, meta: AttentionMetadata) -> None:
+        """The step's new K/V into their slots."""
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        slots = kv_cache.view(2, num_kv_heads, -1, head_dim)  # [2, H_kv, num_slots, D]
+        slots[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(kv_cache.dtype))
+        slots[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(kv_cache.dtype))
 
     def _decode(self, q, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """One query per sequence against its paged K/V, as two batched matmuls over

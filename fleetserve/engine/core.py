@@ -35,6 +35,7 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
     # torch-heavy; keep `import fleetserve` light
     import torch
 
+    from fleetserve.attention import cpu_extension
     from fleetserve.engine import device as devices
     from fleetserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
     from fleetserve.models import load_model
@@ -44,9 +45,26 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
     elif os.cpu_count():
         torch.set_num_threads(os.cpu_count())
     device = devices.resolve(config.device)
+    dtype_name = config.dtype
+    checkpoint = devices.checkpoint_dtype(config.model)
+    if checkpoint is not None:
+        caps = devices.capabilities(device)
+        dtype_name, why = devices.choose_dtype(config.dtype, checkpoint, caps)
+        logger.info("dtype %s -> %s: %s", config.dtype, dtype_name, why)
+    backend, why = devices.choose_attention_backend(
+        config.attention_backend, device, cpu_extension.available
+    )
+    fell_back = config.attention_backend == "auto" and device.type == "cpu" and backend == "torch"
+    logger.log(
+        logging.WARNING if fell_back else logging.INFO,
+        "attention backend %s -> %s: %s",
+        config.attention_backend,
+        backend,
+        why,
+    )
     model, model_config = load_model(
         config.model,
-        dtype=config.dtype,
+        dtype=dtype_name,
         device=device,
         quantization=config.quantization,
         progress=progress,
@@ -75,7 +93,7 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
         block_size=block_size,
         device=device,
         dtype=dtype,
-        attention_backend=config.attention_backend,
+        attention_backend=backend,
         seed=config.seed,
     )
     logger.info(

@@ -1,0 +1,238 @@
+// Paged attention on the CPU that reads each K/V block once.
+//
+// One task is (sequence, KV head, tile of query rows): it walks the sequence's blocks in
+// order, and every block it loads serves all the query heads of that KV head (GQA) and all
+// the rows of the tile, with an online softmax so that no score matrix is ever built.
+// Tasks run in parallel with at::parallel_for (torch's own thread pool and thread count).
+// Arithmetic is fp32 whatever the cache holds (fp32 or bf16).
+//
+// Layout (as fleetserve/attention/torch_ref.py): kv_cache [2, H_kv, num_blocks, block_size, D];
+// q and out [num_tokens, H, D]; sequence s owns query rows
+// query_start_loc[s]:query_start_loc[s+1], and row j of it sits at position
+// seq_lens[s] - q_len + j and sees keys 0..that position (causal).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// Query rows of one sequence per task: enough to share each loaded block among several
+// rows of a prefill chunk, few enough to give both cores work.
+constexpr int64_t kRowTile = 16;
+// Scores start here instead of -inf: the build uses -ffast-math, which assumes no infinities.
+constexpr float kNoScore = -1e30f;
+
+inline float to_float(float x) { return x; }
+inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
+
+template <typename T>
+inline void store(T* dst, const float* src, float mul, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * mul);
+}
+
+// Rows of one block as fp32: the cache itself when it is fp32, else a converted copy.
+template <typename T>
+inline const float* as_float(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = to_float(src[i]);
+    return buf;
+  }
+}
+
+template <int64_t HD>
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  if constexpr (HD > 0) n = HD;
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// a = a * alpha + sum_j p[j] * v[j]: v is [n, head_dim]. With head_dim known, the sum runs
+// in a local array that the compiler keeps in registers.
+template <int64_t HD>
+inline void accumulate(float* __restrict a, float alpha, const float* __restrict p,
+                       const float* __restrict v, int64_t n, int64_t head_dim) {
+  if constexpr (HD > 0) {
+    float sum[HD];
+    for (int64_t d = 0; d < HD; ++d) sum[d] = a[d] * alpha;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < HD; ++d) sum[d] += p[j] * v[j * HD + d];
+    for (int64_t d = 0; d < HD; ++d) a[d] = sum[d];
+  } else {
+    for (int64_t d = 0; d < head_dim; ++d) a[d] *= alpha;
+    for (int64_t j = 0; j < n; ++j)
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) a[d] += p[j] * v[j * head_dim + d];
+  }
+}
+
+struct Task {
+  int64_t seq, kv_head, row_begin, row_end;
+};
+
+// HD > 0 fixes head_dim at compile time, so that the loops over it unroll into registers;
+// HD == 0 reads it from q.
+template <typename T, int64_t HD>
+void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+         const at::Tensor& block_tables, const std::vector<int64_t>& qsl,
+         const std::vector<int64_t>& seq_lens, const std::vector<int64_t>& seqs,
+         double scale_d) {
+  const int64_t num_heads = q.size(1), head_dim = HD > 0 ? HD : q.size(2);
+  const int64_t num_kv_heads = kv_cache.size(1), num_blocks = kv_cache.size(2);
+  const int64_t block_size = kv_cache.size(3);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t table_stride = block_tables.stride(0);
+  const float scale = static_cast<float>(scale_d);
+  const T* q_ptr = q.data_ptr<T>();
+  T* out_ptr = out.data_ptr<T>();
+  const T* k_base = kv_cache.data_ptr<T>();
+  const T* v_base = k_base + num_kv_heads * num_blocks * block_size * head_dim;
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+
+  std::vector<Task> tasks;
+  for (const int64_t s : seqs) {
+    const int64_t q_len = qsl[s + 1] - qsl[s];
+    for (int64_t h = 0; h < num_kv_heads; ++h)
+      for (int64_t r = 0; r < q_len; r += kRowTile)
+        tasks.push_back({s, h, r, std::min(r + kRowTile, q_len)});
+  }
+
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    const int64_t max_q = kRowTile * group;
+    std::vector<float> qf(max_q * head_dim), acc(max_q * head_dim), m(max_q), l(max_q);
+    std::vector<float> kbuf(block_size * head_dim), vbuf(block_size * head_dim);
+    std::vector<float> p(block_size);
+    for (int64_t i = begin; i < end; ++i) {
+      const Task& t = tasks[i];
+      const int64_t row0 = qsl[t.seq] + t.row_begin;  // token index of the tile's first row
+      const int64_t rows = t.row_end - t.row_begin;
+      const int64_t first_pos = seq_lens[t.seq] - (qsl[t.seq + 1] - qsl[t.seq]) + t.row_begin;
+      const int64_t kv_end = first_pos + rows;  // keys [0, kv_end) are seen by some row
+      // query r*group + g is row r of the tile, head t.kv_head*group + g
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t qi = r * group + g;
+          const T* src = q_ptr + ((row0 + r) * num_heads + t.kv_head * group + g) * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) qf[qi * head_dim + d] = to_float(src[d]) * scale;
+          m[qi] = kNoScore;
+          l[qi] = 0.f;
+        }
+      std::fill(acc.begin(), acc.begin() + rows * group * head_dim, 0.f);
+
+      const int64_t* table = tables + t.seq * table_stride;
+      for (int64_t start = 0; start < kv_end; start += block_size) {
+        const int64_t n = std::min(block_size, kv_end - start);
+        const int64_t offset = ((t.kv_head * num_blocks) + table[start / block_size]) * block_size;
+        const float* k = as_float(k_base + offset * head_dim, kbuf.data(), n * head_dim);
+        const float* v = as_float(v_base + offset * head_dim, vbuf.data(), n * head_dim);
+        for (int64_t r = 0; r < rows; ++r) {
+          // row r sees keys up to first_pos + r: `visible` of this block's n
+          const int64_t visible = std::min(n, first_pos + r + 1 - start);
+          if (visible <= 0) continue;
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t qi = r * group + g;
+            const float* qv = qf.data() + qi * head_dim;
+            float block_max = kNoScore;
+            for (int64_t j = 0; j < visible; ++j) {
+              p[j] = dot<HD>(qv, k + j * head_dim, head_dim);
+              block_max = std::max(block_max, p[j]);
+            }
+            const float new_m = std::max(m[qi], block_max);
+            const float alpha = std::exp(m[qi] - new_m);
+            float sum = 0.f;
+            for (int64_t j = 0; j < visible; ++j) {
+              p[j] = std::exp(p[j] - new_m);
+              sum += p[j];
+            }
+            l[qi] = l[qi] * alpha + sum;
+            m[qi] = new_m;
+            float* a = acc.data() + qi * head_dim;
+            accumulate<HD>(a, alpha, p.data(), v, visible, head_dim);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t qi = r * group + g;
+          T* dst = out_ptr + ((row0 + r) * num_heads + t.kv_head * group + g) * head_dim;
+          store(dst, acc.data() + qi * head_dim, 1.f / l[qi], head_dim);
+        }
+    }
+  });
+}
+
+template <typename T>
+void dispatch_head_dim(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                       const at::Tensor& block_tables, const std::vector<int64_t>& qsl,
+                       const std::vector<int64_t>& lens, const std::vector<int64_t>& seqs,
+                       double scale) {
+  switch (q.size(2)) {
+    case 64:
+      return run<T, 64>(out, q, kv_cache, block_tables, qsl, lens, seqs, scale);
+    case 128:
+      return run<T, 128>(out, q, kv_cache, block_tables, qsl, lens, seqs, scale);
+    default:
+      return run<T, 0>(out, q, kv_cache, block_tables, qsl, lens, seqs, scale);
+  }
+}
+
+// Attention of the query rows of sequences `seqs` against the paged cache, written into
+// their rows of `out` (other rows are left alone). The step's own K/V must already be in
+// the cache. Does not modify the cache.
+void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_cache,
+                     const at::Tensor& block_tables, at::IntArrayRef query_start_loc,
+                     at::IntArrayRef seq_lens, at::IntArrayRef seqs, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out: [num_tokens, H, D]");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.size(4) == q.size(2),
+              "kv_cache: [2, H_kv, num_blocks, block_size, D]");
+  TORCH_CHECK(q.size(1) % kv_cache.size(1) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "q, out and kv_cache must share one dtype");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && kv_cache.is_contiguous(),
+              "q, out and kv_cache must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 &&
+                  block_tables.stride(1) == 1,
+              "block_tables: int64 [num_seqs, max_blocks] with contiguous rows");
+  TORCH_CHECK(query_start_loc.size() == seq_lens.size() + 1 &&
+                  static_cast<int64_t>(seq_lens.size()) <= block_tables.size(0),
+              "query_start_loc has one entry more than seq_lens; one table row per sequence");
+  const std::vector<int64_t> qsl(query_start_loc.begin(), query_start_loc.end());
+  const std::vector<int64_t> lens(seq_lens.begin(), seq_lens.end());
+  const std::vector<int64_t> todo(seqs.begin(), seqs.end());
+  for (const int64_t s : todo) {
+    TORCH_CHECK(s >= 0 && s < static_cast<int64_t>(lens.size()), "no sequence ", s);
+    const int64_t q_len = qsl[s + 1] - qsl[s];
+    TORCH_CHECK(q_len >= 0 && lens[s] >= q_len && qsl[s + 1] <= q.size(0), "bad sequence ", s);
+    const int64_t used = (lens[s] + kv_cache.size(3) - 1) / kv_cache.size(3);
+    TORCH_CHECK(used <= block_tables.size(1), "block table of sequence ", s, " is too short");
+    const int64_t* row = block_tables.data_ptr<int64_t>() + s * block_tables.stride(0);
+    for (int64_t j = 0; j < used; ++j)
+      TORCH_CHECK(row[j] >= 0 && row[j] < kv_cache.size(2), "block id out of range: ", row[j]);
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "paged_attention supports float32 and bfloat16, not ", q.scalar_type());
+  if (q.scalar_type() == at::kFloat) {
+    dispatch_head_dim<float>(out, q, kv_cache, block_tables, qsl, lens, todo, scale);
+  } else {
+    dispatch_head_dim<at::BFloat16>(out, q, kv_cache, block_tables, qsl, lens, todo, scale);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fleetserve, m) {
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor q, Tensor kv_cache, Tensor block_tables, "
+      "int[] query_start_loc, int[] seq_lens, int[] seqs, float scale) -> ()");
+  m.impl("paged_attention", c10::DispatchKey::CPU, TORCH_FN(paged_attention));
+}

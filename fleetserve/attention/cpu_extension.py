@@ -1,0 +1,157 @@
+"""Builds and loads the C++ paged-attention kernel (csrc/) as a torch op library.
+
+    python -m fleetserve.attention.cpu_extension   # what `make` runs: build once, print path
+
+The library is compiled with the machine's own gcc for the machine's own ISA
+(``-march=native``, falling back to a portable build), straight from torch's headers and
+libraries: one translation unit needs no ninja and no setup.py. It is cached under
+``build/fleetserve-ext/KEY/``, where KEY hashes the sources, the torch version, the compile
+flags and the CPU's flags, so that a machine with another CPU or another torch never loads a
+library built for a different one. Once built, loading it needs no compiler.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
+SOURCES = ("paged_attention.cpp",)
+BUILD_ROOT = ROOT / "build" / "fleetserve-ext"
+LIBRARY = "fleetserve_cpu.so"
+# Tried in order: the build machine's own ISA first, then a portable one.
+FLAG_SETS = (
+    ("-O3", "-march=native", "-ffast-math"),
+    ("-O3", "-ffast-math"),
+)
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The kernel cannot be built or loaded here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Extension:
+    path: Path
+    flags: tuple[str, ...]
+
+
+def cpu_flags() -> str:
+    """The `flags` line of /proc/cpuinfo ("" where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _key(flags: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((CSRC / name).read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(" ".join(flags).encode())
+    h.update(cpu_flags().encode())
+    return h.hexdigest()[:16]
+
+
+def _compile(flags: tuple[str, ...], out: Path) -> None:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    libs = library_paths()
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # replicas starting together build apart
+    cmd = [
+        os.environ.get("CXX", "g++"),
+        *flags,
+        "-std=c++17",
+        "-fPIC",
+        "-shared",
+        "-fopenmp",  # at::parallel_for's OpenMP backend lives in headers
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{p}" for p in include_paths()),
+        *(str(CSRC / s) for s in SOURCES),
+        *(f"-L{p}" for p in libs),
+        *(f"-Wl,-rpath,{p}" for p in libs),
+        "-lc10",
+        "-ltorch_cpu",
+        "-o",
+        str(tmp),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ExtensionUnavailable(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
+    tmp.replace(out)  # atomic: a concurrent loader never sees half a library
+
+
+def build() -> Extension:
+    """The cached library, compiled first if needed. Raises `ExtensionUnavailable`."""
+    if not all((CSRC / s).is_file() for s in SOURCES):
+        raise ExtensionUnavailable(f"no C++ sources at {CSRC} (an installed, not a source, copy)")
+    errors = []
+    for flags in FLAG_SETS:
+        path = BUILD_ROOT / _key(flags) / LIBRARY
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            logger.info("compiling the paged-attention kernel (%s) into %s", " ".join(flags), path)
+            try:
+                _compile(flags, path)
+            except (ExtensionUnavailable, OSError) as exc:
+                errors.append(str(exc))
+                continue
+        return Extension(path, flags)
+    raise ExtensionUnavailable("; ".join(errors))
+
+
+def load() -> Extension:
+    """Builds (if needed) and loads the library, registering
+    ``torch.ops.fleetserve.paged_attention``. Raises `ExtensionUnavailable`. Tried once per
+    process: a failed compile is not repeated by every caller."""
+    outcome = _load_once()
+    if isinstance(outcome, ExtensionUnavailable):
+        raise outcome
+    return outcome
+
+
+@functools.cache
+def _load_once() -> Extension | ExtensionUnavailable:
+    if sys.platform != "linux":
+        return ExtensionUnavailable(f"the kernel is built for Linux only, not {sys.platform}")
+    try:
+        ext = build()
+        torch.ops.load_library(str(ext.path))
+    except ExtensionUnavailable as exc:
+        return exc
+    except OSError as exc:
+        return ExtensionUnavailable(f"cannot load the kernel: {exc}")
+    return ext
+
+
+def available() -> str | None:
+    """None when the kernel loads; else the reason it does not."""
+    try:
+        load()
+    except ExtensionUnavailable as exc:
+        return str(exc)
+    return None
+
+
+if __name__ == "__main__":
+    try:
+        print(build().path)
+    except ExtensionUnavailable as exc:
+        sys.exit(f"paged-attention kernel unavailable (the torch backend still works): {exc}")

@@ -1,0 +1,136 @@
+"""The C++ paged-attention kernel against the torch reference, on random steps: decodes and
+prefill chunks mixed, GQA, several block sizes, partial blocks, prefix sharing in a step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fleetserve.attention import SeqSpec, build_attention_metadata, cpu_extension, get_backend
+from fleetserve.attention.cpu_extension import ExtensionUnavailable, available
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=f"no kernel: {available()}")
+
+MAX_SEQS, MAX_LEN = 6, 80
+
+
+def num_blocks(block_size: int) -> int:
+    """Enough for MAX_SEQS sequences of MAX_LEN tokens, plus block 0 that pads tables."""
+    return 1 + MAX_SEQS * -(-MAX_LEN // block_size)
+
+
+def random_step(rng: random.Random, block_size: int, num_seqs: int) -> list[SeqSpec]:
+    """Decodes first, then prefills (some over cached tokens); blocks drawn without reuse,
+    except that a prefill may share the first blocks of an earlier sequence of the step."""
+    free = list(range(1, num_blocks(block_size)))
+    rng.shuffle(free)
+    specs: list[SeqSpec] = []
+    num_decodes = rng.randint(0, num_seqs)
+    for i in range(num_seqs):
+        if i < num_decodes:
+            computed, new = rng.randint(1, 70), 1
+        else:
+            computed, new = rng.choice([0, 0, rng.randint(1, 40)]), rng.randint(2, 40)
+        total = computed + new
+        need = -(-total // block_size)
+        shared: list[int] = []
+        if specs and i >= num_decodes and computed >= block_size and rng.random() < 0.5:
+            donor = rng.choice(specs)  # a shared prefix: full blocks of another sequence
+            full = min(computed // block_size, len(donor.block_ids) - 1)
+            shared = donor.block_ids[: max(full, 0)]
+        ids = shared + [free.pop() for _ in range(need - len(shared))]
+        specs.append(SeqSpec(computed, new, ids))
+    return specs
+
+
+def run_backend(name, q, k, v, cache, meta, scale):
+    cache = cache.clone()
+    out = get_backend(name).forward(q, k, v, cache, meta, scale)
+    return out, cache
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16, 32])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_matches_torch_backend_fp32(block_size, heads, head_dim):
+    num_heads, num_kv_heads = heads
+    rng = random.Random(block_size * 100 + num_heads * 10 + head_dim)
+    torch.manual_seed(rng.randrange(1000))
+    for _ in range(4):
+        specs = random_step(rng, block_size, rng.randint(1, MAX_SEQS))
+        meta = build_attention_metadata(specs, block_size)
+        n = meta.query_start_loc[-1]
+        q = torch.randn(n, num_heads, head_dim)
+        k = torch.randn(n, num_kv_heads, head_dim)
+        v = torch.randn(n, num_kv_heads, head_dim)
+        cache = torch.randn(2, num_kv_heads, num_blocks(block_size), block_size, head_dim)
+        expected, expected_cache = run_backend("torch", q, k, v, cache, meta, 0.3)
+        got, got_cache = run_backend("cpu", q, k, v, cache, meta, 0.3)
+        torch.testing.assert_close(got_cache, expected_cache, rtol=0, atol=0)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # The op itself on every sequence, first prefill chunks included (which the backend
+        # leaves to SDPA).
+        direct = torch.full_like(q, float("nan"))
+        torch.ops.fleetserve.paged_attention(
+            direct,
+            q,
+            expected_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            list(range(meta.num_seqs)),
+            0.3,
+        )
+        torch.testing.assert_close(direct, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_cache_is_as_close_as_the_reference():
+    """In bf16 both backends round; the kernel (fp32 inside) is no farther from the fp32
+    answer than the reference is."""
+    rng = random.Random(7)
+    torch.manual_seed(7)
+    block_size, num_heads, num_kv_heads, head_dim = 16, 9, 3, 64
+    specs = random_step(rng, block_size, MAX_SEQS)
+    meta = build_attention_metadata(specs, block_size)
+    n = meta.query_start_loc[-1]
+    q, k, v = (torch.randn(n, h, head_dim) for h in (num_heads, num_kv_heads, num_kv_heads))
+    cache = torch.randn(2, num_kv_heads, num_blocks(block_size), block_size, head_dim)
+    bf = [t.bfloat16() for t in (q, k, v, cache)]
+    exact, _ = run_backend("torch", *(t.float() for t in bf), meta, 0.125)
+    ref, _ = run_backend("torch", *bf, meta, 0.125)
+    got, _ = run_backend("cpu", *bf, meta, 0.125)
+    assert got.dtype == torch.bfloat16
+    ref_err = (ref.float() - exact).abs().max().item()
+    got_err = (got.float() - exact).abs().max().item()
+    assert got_err <= ref_err + 1e-6, (got_err, ref_err)
+    assert got_err < 0.02
+
+
+def test_unsupported_cache_dtype_goes_to_the_reference():
+    specs = [SeqSpec(3, 1, [1]), SeqSpec(0, 5, [2])]
+    meta = build_attention_metadata(specs, 8)
+    q, k, v = torch.randn(6, 2, 8).half(), torch.randn(6, 1, 8).half(), torch.randn(6, 1, 8)
+    cache = torch.randn(2, 1, 4, 8, 8).half()
+    expected, _ = run_backend("torch", q, k, v.half(), cache, meta, 0.5)
+    got, _ = run_backend("cpu", q, k, v.half(), cache, meta, 0.5)
+    torch.testing.assert_close(got, expected)
+
+
+def test_kernel_rejects_a_block_id_outside_the_cache():
+    specs = [SeqSpec(3, 1, [1])]
+    meta = build_attention_metadata(specs, 4)
+    meta.block_tables[0, 0] = 99
+    q, kv = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    cache = torch.zeros(2, 2, 4, 4, 8)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        get_backend("cpu").forward(q, kv, kv, cache, meta, 1.0)
+
+
+def test_a_failed_build_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_extension, "BUILD_ROOT", tmp_path)
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(ExtensionUnavailable, match="false failed"):
+        cpu_extension.build()
+    assert not list(tmp_path.rglob("*.so"))

@@ -1,0 +1,78 @@
+"""`--dtype auto` and `--attention-backend auto`: pure choices from what a device computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fleetserve.engine.device import (
+    Capabilities,
+    checkpoint_dtype,
+    choose_attention_backend,
+    choose_dtype,
+)
+
+AVX2_ONLY = Capabilities("cpu", frozenset({"avx2", "fma", "avx"}))
+AVX512_BF16 = Capabilities("cpu", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+AMX = Capabilities("cpu", frozenset({"avx2", "amx_bf16", "amx_tile"}))
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "caps", "expected"),
+    [
+        ("bfloat16", AVX2_ONLY, "float32"),  # bf16 is emulated there: ~100x slower matmuls
+        ("bfloat16", AVX512_BF16, "bfloat16"),
+        ("bfloat16", AMX, "bfloat16"),
+        ("float16", AVX512_BF16, "float32"),  # no avx512_fp16/amx_fp16
+        ("float16", Capabilities("cpu", frozenset({"avx512_fp16"})), "float16"),
+        ("float32", AVX512_BF16, "float32"),  # bf16 would be faster but change the tokens
+        ("bfloat16", Capabilities("cpu"), "float32"),  # no flags known (not Linux)
+        ("bfloat16", Capabilities("cuda", cuda_bf16=True), "bfloat16"),
+        ("bfloat16", Capabilities("cuda", cuda_bf16=False), "float32"),
+        ("float16", Capabilities("cuda"), "float16"),
+        ("float32", Capabilities("cuda", cuda_bf16=True), "float32"),
+    ],
+)
+def test_auto_dtype(checkpoint, caps, expected):
+    dtype, why = choose_dtype("auto", checkpoint, caps)
+    assert dtype == expected
+    assert checkpoint in why
+
+
+def test_auto_dtype_says_why_bf16_is_not_used():
+    _, why = choose_dtype("auto", "bfloat16", AVX2_ONLY)
+    assert "avx512_bf16" in why and "emulated" in why
+
+
+@pytest.mark.parametrize("asked", ["float32", "bfloat16", "float16"])
+def test_an_explicit_dtype_is_kept(asked):
+    assert choose_dtype(asked, "bfloat16", AVX2_ONLY) == (asked, "as asked")
+
+
+def never_asked() -> str | None:
+    raise AssertionError("the kernel is not needed for this choice")
+
+
+def test_auto_backend_is_torch_off_the_cpu():
+    backend, why = choose_attention_backend("auto", torch.device("cuda"), never_asked)
+    assert backend == "torch" and "CPU only" in why
+
+
+def test_auto_backend_on_cpu_is_the_kernel_when_it_loads():
+    assert choose_attention_backend("auto", torch.device("cpu"), lambda: None)[0] == "cpu"
+
+
+def test_auto_backend_falls_back_to_torch_and_says_why():
+    backend, why = choose_attention_backend("auto", torch.device("cpu"), lambda: "no g++")
+    assert backend == "torch" and "no g++" in why
+
+
+def test_an_explicit_backend_is_kept():
+    choice = choose_attention_backend("torch", torch.device("cpu"), never_asked)
+    assert choice == ("torch", "as asked")
+
+
+def test_checkpoint_dtype_reads_the_config_alone(tiny_llama, tmp_path):
+    assert checkpoint_dtype(str(tiny_llama)) == "float32"
+    assert checkpoint_dtype(str(tmp_path / "model.gguf")) == "float32"  # dequantized on load
+    assert checkpoint_dtype(str(tmp_path)) is None  # no config.json: load_model says why
