@@ -153,7 +153,7 @@ class TensorHandler(Handler):
                 f"input {spec.name!r} has datatype {_v2_name(array.dtype)}; "
                 f"this model takes {spec.datatype}"
             )
-        return list(torch.from_numpy(np.ascontiguousarray(array)).unbind(0))
+        return list(torch.from_numpy(np.array(array, copy=True)).unbind(0))  # writable
 
     def key(self, rows: list[torch.Tensor]) -> Hashable:
         shapes = {tuple(r.shape) for r in rows}
