@@ -204,9 +204,12 @@ def test_bad_inputs_get_a_4xx_naming_the_problem(embed_server, path, body, statu
     resp = httpx.post(embed_server.url + path, json=body, headers=AUTH)
     assert resp.status_code == status, resp.text
     assert says in resp.text
-    assert httpx.post(
-        embed_server.url + "/predict", json={"inputs": "still serving"}, headers=AUTH
-    ).status_code == 200
+    assert (
+        httpx.post(
+            embed_server.url + "/predict", json={"inputs": "still serving"}, headers=AUTH
+        ).status_code
+        == 200
+    )
 
 
 def test_a_body_of_the_wrong_kind_and_keys(embed_server):

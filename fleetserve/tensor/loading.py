@@ -54,14 +54,17 @@ def load_model(model: str, options: LoadOptions) -> torch.nn.Module:
         module = torch.jit.load(str(path), map_location="cpu")
     else:
         module = _load_torch_save(path, options)
-    if isinstance(module, torch.nn.Module):
+    if path.suffix != ".pt2":  # an exported program is traced in eval mode and refuses .eval()
         module.eval()
-        for p in module.parameters():
-            p.requires_grad_(False)
+    for p in module.parameters():
+        p.requires_grad_(False)
     if options.quantization == "int8":
         from fleetserve.tensor.quantize import quantize_int8
 
-        module = quantize_int8(module)
+        try:
+            module = quantize_int8(module)
+        except ValueError as exc:
+            raise ModelLoadError(f"--quantization int8: {exc}") from None
     elif options.quantization:
         raise ModelLoadError(f"unknown quantization {options.quantization!r}; choose int8")
     return module
