@@ -295,3 +295,34 @@ def test_schemathesis_finds_no_server_error(embed_server, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert httpx.get(embed_server.url + "/health").status_code == 200
+
+
+def test_behind_the_gateway_probes_pass_and_embeddings_flow(embed_server):
+    """The gateway's probe generates one token on an LLM replica; a tensor replica's /health
+    names its task and is enough (before, the probe's /v1/completions got 404: never ready)."""
+    from gateway_harness import FAST_GATEWAY
+
+    from fleetserve.gateway.api_keys import with_operator_key
+    from fleetserve.gateway.app import create_app
+    from fleetserve.gateway.config import GatewayConfig
+    from fleetserve.gateway.gateway import Gateway
+    from fleetserve.gateway.replica import ReplicaKind
+    from fleetserve.testing.fake_replica import ByteTokenizer
+
+    gw = Gateway(
+        GatewayConfig(**FAST_GATEWAY),
+        with_operator_key(None, "gateway-operator"),
+        ByteTokenizer(),
+        upstream_api_key=OPERATOR_KEY,
+    )
+    gw.add_replica(embed_server.url, ReplicaKind.FLEETSERVE)
+    front = ThreadServer(create_app(gw)).start()
+    try:
+        wait_until(lambda: all(r.ready for r in gw.replicas.values()), 10, what="replica ready")
+        resp = httpx.post(
+            front.url + "/v1/embeddings", json={"input": TEXTS[:2], "model": "tiny-bert"}
+        )
+    finally:
+        front.stop()
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["data"]) == 2
