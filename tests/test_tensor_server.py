@@ -356,3 +356,34 @@ def test_real_minilm_embeddings_equal_transformers_with_mean_pooling():
     vectors = torch.tensor([d["embedding"] for d in got["data"]])
     assert vectors.shape == (len(TEXTS), 384)
     assert cosine_rows(vectors, reference_embeddings(folder, TEXTS)).min() >= 0.9999
+
+
+def test_503_with_retry_after_while_the_model_loads():
+    import threading
+
+    loaded = threading.Event()
+    net = tiny_net()
+
+    def slow_load(_settings):
+        loaded.wait(30)
+        return TensorHandler(net)
+
+    settings = TensorSettings(model="tiny-net", served_model_name="tiny-net")
+    server = ThreadServer(build_app(settings, handler_factory=slow_load)).start()
+    try:
+        body = {"inputs": [[0.0, 0.0, 0.0, 0.0]]}
+        for path in ("/predict", "/v1/embeddings", "/v2/models/tiny-net/infer"):
+            resp = httpx.post(
+                server.url + path, json=body if path == "/predict" else {"input": "x"}
+            )
+            assert resp.status_code == 503, (path, resp.text)
+        resp = httpx.post(server.url + "/predict", json=body)
+        assert resp.headers["Retry-After"] == "5" and "loading" in resp.text
+        assert httpx.get(server.url + "/v2/health/ready").status_code == 503
+        assert httpx.get(server.url + "/v2/health/live").status_code == 200
+        loaded.set()
+        wait_until(lambda: httpx.get(server.url + "/health").status_code == 200)
+        assert httpx.post(server.url + "/predict", json=body).status_code == 200
+    finally:
+        loaded.set()
+        server.stop()

@@ -35,6 +35,7 @@ class PredictRequest(BaseModel):
 @router.post("/predict", tags=["tensor"])
 async def predict(body: PredictRequest, state: State) -> dict:
     """The model's answer for `inputs`, batched with other requests behind the scenes."""
+    state.check_ready()
     handler = state.handler
     outputs, _ = await infer(
         state,
