@@ -107,7 +107,7 @@ def _rows_maker(handler: TextHandler, value: Any):
 
 @router.get("/v1/models", tags=["tensor"])
 async def models(state: State) -> dict:
-    if state.phase.value in ("loading", "failed"):
+    if state.handler is None:  # loading, or failed to: no model to list yet
         state.check_ready()
     return {
         "object": "list",
@@ -117,7 +117,7 @@ async def models(state: State) -> dict:
                 "object": "model",
                 "created": state.created,
                 "owned_by": "fleetserve",
-                "task": state.handler.task if state.handler else None,
+                "task": state.handler.task,
             }
         ],
     }

@@ -6,6 +6,9 @@ loop keeps accepting requests meanwhile), and hands each request its own rows' o
 `instances` > 1 the CPU cores are split between them: each worker pins itself to its share
 and sets torch's thread count for the kernels it starts.
 
+Deadlines are checked whenever a worker looks for work: with every worker busy, a request
+past its deadline leaves when the first of them is done.
+
 A batch that the model refuses (a shape it cannot take, say) is run again one request at a
 time, so that one bad request fails alone and never takes its batch-mates with it.
 """
