@@ -387,3 +387,48 @@ def test_503_with_retry_after_while_the_model_loads():
     finally:
         loaded.set()
         server.stop()
+
+
+class GatedHandler(TensorHandler):
+    """The tiny net, but each batch waits for `gate`: requests pile up behind the first."""
+
+    def __init__(self) -> None:
+        import threading
+
+        super().__init__(tiny_net())
+        self.gate = threading.Event()
+
+    def predict(self, rows):
+        self.gate.wait(30)
+        return super().predict(rows)
+
+
+def test_full_queue_gets_429_with_retry_after_and_the_rest_are_served():
+    handler = GatedHandler()
+    settings = TensorSettings(
+        model="gated",
+        served_model_name="gated",
+        batch=BatchConfig(max_batch_size=1, max_queue_rows=2),
+    )
+    server = serve(settings, handler_factory=lambda _: handler)
+    body = {"inputs": [[0.0, 1.0, 2.0, 3.0]]}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            held = [pool.submit(httpx.post, server.url + "/predict", json=body, timeout=30)]
+            wait_until(lambda: server.call(lambda: server_state(server).workers.load()[0]) == 1)
+            held += [pool.submit(httpx.post, server.url + "/predict", json=body, timeout=30)
+                     for _ in range(2)]  # fmt: skip
+            wait_until(lambda: server.call(lambda: server_state(server).workers.load()[1]) == 2)
+            refused = httpx.post(server.url + "/predict", json=body)
+            handler.gate.set()
+            statuses = [f.result().status_code for f in held]
+    finally:
+        handler.gate.set()
+        server.stop()
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert "too many requests waiting" in refused.json()["error"]["message"]
+    assert statuses == [200, 200, 200]
+
+
+def server_state(server: ThreadServer):
+    return server.server.config.app.state.server
