@@ -33,7 +33,8 @@ def test_serve_a_torchscript_file_then_sigterm_drains(tmp_path):
     try:
         replica.wait_ready(120)
         url = replica.url
-        assert "/predict" in (replica.ready_line or "")
+        assert "ready: net at" in (replica.ready_line or "")  # net.pt serves as "net"
+        assert "/predict" in replica.ready_line
         assert httpx.get(url + "/health").json() == {"status": "ok", "task": "tensor"}
         answers: list[httpx.Response] = []
         slow = threading.Thread(

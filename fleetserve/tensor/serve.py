@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -21,9 +22,11 @@ from fleetserve.tensor.state import TensorSettings
 
 def build_settings(options: dict[str, Any], task: str) -> TensorSettings:
     model = options["model"]
+    # net.pt -> net; a folder -> its name
+    default_name = Path(model).stem if Path(model).is_file() else served_name(model)
     return TensorSettings(
         model=model,
-        served_model_name=options.get("served_model_name") or served_name(model),
+        served_model_name=options.get("served_model_name") or default_name,
         load=LoadOptions(
             task=task,
             model_class=options.get("model_class"),
