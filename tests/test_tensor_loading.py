@@ -122,3 +122,26 @@ def test_detect_task_from_the_model_path(tmp_path):
     with pytest.raises(ValueError, match="unknown --task"):
         resolve_task("rank", "m.pt")
     assert TinyNet  # the class the state-dict tests name as tensor_models:TinyNet
+
+
+def test_an_exported_program_names_its_input_shape_and_dtype_at_the_door(tmp_path):
+    net = tiny_net()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(net, (X,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "net.pt2")
+    path = str(tmp_path / "net.pt2")
+    handler = build_handler(load_model(path, LoadOptions()), path, "tensor")
+    assert handler.inputs[0].metadata() == {
+        "name": "input__0",
+        "datatype": "FP32",
+        "shape": [-1, 4],
+    }
+    with pytest.raises(BadInput, match=r"shape \[1, 3\]; this model takes \[-1, 4\]"):
+        handler.rows_from_json([[1.0, 2.0, 3.0]])
+    rows = handler.rows_from_json(X.tolist())
+    assert torch.allclose(torch.stack(handler.predict(rows)), answers(net), atol=1e-6)
+    torch.jit.save(torch.jit.script(net), tmp_path / "net.pt")
+    scripted = build_handler(
+        load_model(str(tmp_path / "net.pt"), LoadOptions()), "net.pt", "tensor"
+    )
+    assert scripted.inputs[0].shape == (-1,) and not scripted.inputs[0].known_rank

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fleetserve.tensor.loading import ModelLoadError
+from fleetserve.tensor.loading import ModelLoadError, exported_input
 
 MIN_LENGTH_BUCKET = 16  # token lengths are bucketed to powers of two from here
 
@@ -42,6 +42,7 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    known_rank: bool = True  # False: `shape` is (-1,), and any rank is taken
 
     def metadata(self) -> dict:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
@@ -113,9 +114,7 @@ class Handler:
         array = tensors[spec.name]
         if array.ndim < 1 or array.shape[0] < 1:
             raise BadInput(f"input {spec.name!r} needs a batch dimension of at least 1")
-        if len(spec.shape) != array.ndim or any(
-            want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
-        ):
+        if spec.known_rank and not fits(spec.shape, array.shape):
             raise BadInput(
                 f"input {spec.name!r} has shape {list(array.shape)}; this model takes "
                 f"{list(spec.shape)} (-1: any size)"
@@ -123,16 +122,34 @@ class Handler:
         return array
 
 
+def fits(spec_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """`shape` has the spec's rank and its sizes where the spec fixes them (-1: any)."""
+    return len(spec_shape) == len(shape) and all(
+        want in (-1, got) for want, got in zip(spec_shape, shape, strict=True)
+    )
+
+
 class TensorHandler(Handler):
     """One tensor in (batch first), one tensor out: a TorchScript, exported or eager module
-    whose forward takes `x: (batch, *row_shape)`. Rows of one shape and dtype batch together."""
+    whose forward takes `x: (batch, *row_shape)`. Rows of one shape batch together.
+    `row_shape` (-1: any size), when known (a torch.export program records it), is checked
+    at the door; else a shape the model refuses fails at its forward, alone."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dtype: torch.dtype = torch.float32,
+        row_shape: tuple[int, ...] | None = None,
+    ) -> None:
         self.model = model
         self.dtype = dtype
+        self.row_shape = row_shape
         datatype = TORCH_TO_V2[dtype]
-        self.inputs = (TensorSpec("input__0", datatype, (-1, -1)),)
-        self.outputs = (TensorSpec("output__0", "FP32", (-1, -1)),)
+        if row_shape is None:
+            self.inputs = (TensorSpec("input__0", datatype, (-1,), known_rank=False),)
+        else:
+            self.inputs = (TensorSpec("input__0", datatype, (-1, *row_shape)),)
+        self.outputs = (TensorSpec("output__0", "FP32", (-1,), known_rank=False),)
 
     def rows_from_json(self, data: Any) -> list[torch.Tensor]:
         if not isinstance(data, list) or not data:
@@ -143,6 +160,13 @@ class TensorHandler(Handler):
             raise BadInput(
                 f"'inputs' must be a rectangular list of numbers ({TORCH_TO_V2[self.dtype]}): {exc}"
             ) from None
+        if batch.ndim < 1 or (
+            self.row_shape is not None and not fits(self.row_shape, batch.shape[1:])
+        ):
+            raise BadInput(
+                f"'inputs' has shape {list(batch.shape)}; this model takes "
+                f"{list(self.inputs[0].shape)} (-1: any size)"
+            )
         return list(batch.unbind(0))
 
     def rows_from_tensors(self, tensors: dict[str, np.ndarray]) -> list[torch.Tensor]:
@@ -368,7 +392,8 @@ def build_handler(
     elif task == "classify":
         handler = ClassificationHandler(model, model_path)
     elif task == "tensor":
-        handler = TensorHandler(model)
+        dtype, row_shape = exported_input(model_path)
+        handler = TensorHandler(model, dtype, row_shape)
     else:
         raise ModelLoadError(
             f"unknown task {task!r} for a tensor model; choose embed, classify or tensor"

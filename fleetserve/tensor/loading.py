@@ -130,3 +130,22 @@ def _from_state_dict(state: dict, model_class: str | None, model: str) -> torch.
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def exported_input(model: str) -> tuple[torch.dtype, tuple[int, ...] | None]:
+    """(dtype, row shape) of a torch.export program's one input, dynamic sizes as -1;
+    (float32, None) when MODEL does not record it (TorchScript, a class, a pickle)."""
+    path = Path(model)
+    if path.suffix != ".pt2" or not path.is_file():
+        return torch.float32, None
+    program = torch.export.load(str(path))
+    user_inputs = set(program.graph_signature.user_inputs)
+    values = [
+        node.meta["val"]
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in user_inputs and "val" in node.meta
+    ]
+    if len(values) != 1:
+        raise ModelLoadError(f"{model} takes {len(values)} inputs; a tensor model takes one")
+    sizes = tuple(d if isinstance(d, int) else -1 for d in values[0].shape)
+    return values[0].dtype, sizes[1:]
