@@ -116,7 +116,8 @@ def serve_litserve(folder: str, port: int) -> None:
         max_batch_size=BATCH["max_batch_size"], batch_timeout=BATCH["batch_timeout_s"]
     )
     api.folder = folder
-    litserve.LitServer(api, accelerator="cpu").run(port=port, host="127.0.0.1")
+    server = litserve.LitServer(api, accelerator="cpu")
+    server.run(port=port, host="127.0.0.1", generate_client_file=False)  # no client.py in cwd
 
 
 def serve_rayserve(folder: str, port: int) -> None:
