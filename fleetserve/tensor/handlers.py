@@ -313,8 +313,8 @@ class ClassificationHandler(TextHandler):
         for probs in outputs:
             best = int(probs.argmax())
             scores = dict(zip(self.labels, probs.tolist(), strict=True))
-            answers.append({"label": self.labels[best], "score": scores[self.labels[best]]})
-            answers[-1]["scores"] = scores
+            label = self.labels[best]
+            answers.append({"label": label, "score": scores[label], "scores": scores})
         return answers
 
     def to_tensors(self, outputs: list[torch.Tensor]) -> dict[str, np.ndarray]:
