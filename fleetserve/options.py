@@ -64,6 +64,44 @@ SERVER_OPTIONS: dict[str, tuple[Any, Any, str]] = {
         "server exits 1 (as with a dead engine); must exceed the longest step",
     ),
     **HTTP_LIMIT_OPTIONS,
+    # Tensor models (fleetserve.tensor): /predict, /v1/embeddings, KServe v2.
+    "task": (
+        str,
+        "auto",
+        "generate (LLM), embed, classify or tensor; auto: from MODEL (a .gguf or causal-LM "
+        "folder generates, an encoder folder embeds, a .pt/.pt2/.safetensors file is a "
+        "tensor model)",
+    ),
+    "model_class": (
+        str,
+        None,
+        "tensor models: 'module:Class' that builds the network of a state dict "
+        "(.safetensors, or a torch.save of a state_dict)",
+    ),
+    "trust_pickle": (
+        bool,
+        False,
+        "tensor models: torch.load a whole pickled model. Unpickling runs any code the file "
+        "names: only for files you made yourself",
+    ),
+    "handler": (
+        str,
+        None,
+        "tensor models: a module (path/to/file.py or a module name) with preprocess(data) -> "
+        "rows and/or postprocess(outputs) for /predict",
+    ),
+    "max_batch_size": (int, 32, "tensor models: most rows in one model call"),
+    "max_queue_delay_ms": (
+        float,
+        0.0,
+        "tensor models: how long a free worker waits for a fuller batch (0: takes what waits)",
+    ),
+    "instances": (int, 1, "tensor models: model instances (threads sharing the cores)"),
+    "request_timeout": (
+        float,
+        30.0,
+        "tensor models: seconds a request may wait in the batcher's queue (else 503)",
+    ),
 }
 
 # Engine defaults of the server where they differ from offline `LLM` (vLLM also picks them per

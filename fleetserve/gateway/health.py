@@ -1,4 +1,5 @@
-"""Active health probes: every `probe_interval_s`, each replica must generate one token.
+"""Active health probes: every `probe_interval_s`, each replica must generate one token
+(a tensor-model replica, whose /health names its task, is judged by its /health alone).
 
 A ping proves the HTTP server is up; one token proves the engine behind it runs. A fleetserve
 replica's `/health` is asked first (503 means not ready: loading, draining, engine dead) and
@@ -56,24 +57,18 @@ async def probe_once(
     auth = replica.auth_headers
     try:
         async with asyncio.timeout(timeout):
+            tensor_model = False
             if replica.supports_extensions:
                 health = await client.get(f"{replica.url}/health", headers=auth)
                 if health.status_code != 200:
                     raise _NotReady(f"/health answered {health.status_code}")
+                tensor_model = _serves_tensor_model(health)
             if not replica.model_ids:
                 models = await client.get(f"{replica.url}/v1/models", headers=auth)
                 if models.status_code == 200:
                     replica.model_ids = [m["id"] for m in models.json().get("data", [])]
-            body = {"prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0.0, "stream": False}
-            if replica.model_ids:
-                body["model"] = replica.model_ids[0]
-            answer = await client.post(
-                f"{replica.url}/v1/completions",
-                json=body,
-                headers={**auth, "X-Request-Id": f"probe-{uuid.uuid4().hex[:12]}"},
-            )
-            if answer.status_code != 200:
-                raise _NotReady(f"one-token generation answered {answer.status_code}")
+            if not tensor_model:
+                await _generate_one_token(replica, client, auth)
             ok = True
             if replica.supports_extensions:
                 load = await scrape_load(client, replica.url, auth)
@@ -110,6 +105,31 @@ async def probe_once(
 
 class _NotReady(Exception):
     pass
+
+
+async def _generate_one_token(
+    replica: Replica, client: httpx.AsyncClient, auth: dict[str, str]
+) -> None:
+    body = {"prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0.0, "stream": False}
+    if replica.model_ids:
+        body["model"] = replica.model_ids[0]
+    answer = await client.post(
+        f"{replica.url}/v1/completions",
+        json=body,
+        headers={**auth, "X-Request-Id": f"probe-{uuid.uuid4().hex[:12]}"},
+    )
+    if answer.status_code != 200:
+        raise _NotReady(f"one-token generation answered {answer.status_code}")
+
+
+def _serves_tensor_model(health: httpx.Response) -> bool:
+    """A tensor-model replica's /health names its task (embed, classify, tensor): it generates
+    no token, and its 200 already says its model workers run and no batch is stuck."""
+    try:
+        task = health.json().get("task")
+    except (ValueError, AttributeError):
+        return False
+    return task not in (None, "generate")
 
 
 async def scrape_load(

@@ -21,6 +21,7 @@ from fleetserve.options import (
     resolve_options,
     served_name,
 )
+from fleetserve.tensor.task import resolve_task
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
     try:
         options = resolve_options(args)
+        task = resolve_task(options.get("task"), options.get("model"))
+        if task != "generate":  # a tensor model: /predict, /v1/embeddings, KServe v2
+            from fleetserve.tensor import serve as tensor_serve
+
+            return tensor_serve.run(options, task, parser, args.log_level)
         settings = build_settings(options)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
