@@ -325,10 +325,38 @@ def test_behind_the_gateway_probes_pass_and_embeddings_flow(embed_server):
         resp = httpx.post(
             front.url + "/v1/embeddings", json={"input": TEXTS[:2], "model": "tiny-bert"}
         )
+        assert resp.status_code == 200, resp.text
+        assert len(resp.json()["data"]) == 2
+        check_tensor_routes_through(front.url, embed_server.url)
     finally:
         front.stop()
-    assert resp.status_code == 200, resp.text
-    assert len(resp.json()["data"]) == 2
+
+
+def check_tensor_routes_through(gateway: str, replica: str) -> None:
+    """/predict and KServe v2 (JSON and binary, with tritonclient) answer the same through
+    the gateway as from the replica; a model name that would leave /v2/models is refused."""
+    import tritonclient.http as triton
+
+    direct = httpx.post(replica + "/predict", json={"inputs": TEXTS[:2]}, headers=AUTH).json()
+    through = httpx.post(gateway + "/predict", json={"inputs": TEXTS[:2]})
+    assert through.status_code == 200, through.text
+    assert np.allclose(through.json()["outputs"], direct["outputs"], atol=1e-6)
+    client = triton.InferenceServerClient(gateway.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("tiny-bert")
+    assert client.get_model_metadata("tiny-bert")["outputs"][0]["name"] == "embedding"
+    texts = np.array([t.encode() for t in TEXTS[:2]], dtype=np.object_)
+    want = np.array(direct["outputs"], dtype=np.float32)
+    for binary in (False, True):
+        item = triton.InferInput("text", [2], "BYTES")
+        item.set_data_from_numpy(texts, binary_data=binary)
+        output = triton.InferRequestedOutput("embedding", binary_data=binary)
+        got = client.infer("tiny-bert", [item], outputs=[output]).as_numpy("embedding")
+        assert np.allclose(got, want, atol=1e-5)
+    for bad in ("..", ".hidden", "%2e%2e", "a%2fb"):
+        resp = httpx.post(f"{gateway}/v2/models/{bad}/infer", content=b"{}")
+        assert resp.status_code in (400, 404), (bad, resp.status_code)
+        assert "kv_events" not in resp.text
 
 
 def minilm_folder():

@@ -1,5 +1,5 @@
-"""The gateway's HTTP API: the OpenAI endpoints it forwards, plus health, metrics and a
-small admin API over the replica table.
+"""The gateway's HTTP API: the OpenAI endpoints it forwards, a tensor model's `/predict`
+and KServe v2 routes, plus health, metrics and a small admin API over the replica table.
 
 Operator routes: `/admin/*` is off unless an admin key is configured (see `api_keys`), and
 needs it. `/metrics`, `/docs`, `/redoc` and `/openapi.json` are open while no key at all is
@@ -7,6 +7,7 @@ configured, and need the admin key once any is."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +23,7 @@ from fleetserve.gateway.proxy import (
     authenticate,
     authenticate_operator,
     handle_generate,
+    handle_passthrough,
     read_json,
 )
 from fleetserve.gateway.replica import Replica, ReplicaKind
@@ -69,6 +71,40 @@ def create_app(gw: Gateway) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         return await handle_generate(gw, request, "/v1/embeddings", chat=False)
+
+    # A tensor model's routes (`fleetserve serve MODEL` for a non-LLM model), forwarded as
+    # they come. The replica path is rebuilt from checked parts: a model named ".." must not
+    # reach another replica route with the fleet's internal key.
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        return await handle_passthrough(gw, request, "/predict", "/predict")
+
+    @app.get("/v2")
+    async def v2_server(request: Request) -> Response:
+        return await handle_passthrough(gw, request, "/v2", "/v2", method="GET")
+
+    @app.get("/v2/health/live")
+    async def v2_live() -> Response:
+        return JSONResponse({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def v2_ready() -> Response:
+        ready = gw.any_accepting() or gw.dispatcher.cold_start_s is not None
+        return JSONResponse({"ready": ready}, 200 if ready else 503)
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def v2_model(request: Request, model: str, version: str | None = None) -> Response:
+        path = _v2_path(model, version, request.url.path.endswith("/ready") and "ready")
+        return await handle_passthrough(gw, request, "/v2/models/{model}", path, method="GET")
+
+    @app.post("/v2/models/{model}/infer")
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def v2_infer(request: Request, model: str, version: str | None = None) -> Response:
+        path = _v2_path(model, version, "infer")
+        return await handle_passthrough(gw, request, "/v2/models/{model}/infer", path)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -197,3 +233,16 @@ def _describe(gw: Gateway, replica: Replica) -> dict:
         "cached_blocks": len(replica.prefix),
         "models": replica.model_ids,
     }
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def _v2_path(model: str, version: str | None, leaf: str | bool) -> str:
+    """The replica path of a KServe v2 model route, from a checked model name and version
+    (letters, digits, `_`, `.`, `-`, not starting with `.`); 400 otherwise."""
+    for what, name in (("model name", model), ("model version", version)):
+        if name is not None and not _NAME.fullmatch(name):
+            raise HttpError(400, f"{what} {name[:64]!r} is not valid", "invalid_request_error")
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "")
+    return f"{path}/{leaf}" if leaf else path

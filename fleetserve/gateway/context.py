@@ -11,9 +11,20 @@ from fleetserve.gateway.replica import Replica
 from fleetserve.gateway.route_request import RouteRequest
 
 
+@dataclass(frozen=True)
+class RawRequest:
+    """A request forwarded as it came (a tensor model's `/predict` or KServe v2 call): the
+    replica path to call and the body bytes with the headers that describe them."""
+
+    method: str
+    path: str
+    content: bytes
+    headers: dict[str, str]
+
+
 @dataclass
 class RequestContext:
-    endpoint: str  # the path, e.g. "/v1/chat/completions"
+    endpoint: str  # the path, e.g. "/v1/chat/completions" (a route template for raw ones)
     chat: bool
     body: dict
     request_id: str
@@ -24,6 +35,7 @@ class RequestContext:
     charged_tokens: int  # taken from the key's tokens/min bucket
     exclude: set[str] = dataclasses.field(default_factory=set)
     retry_in_flight: bool = False  # holds a place in the gateway's retry budget
+    raw: RawRequest | None = None  # forwarded as it is, not as an OpenAI JSON body
 
     def __post_init__(self) -> None:
         # The priority is the key's, never the client's (see `body_for`).

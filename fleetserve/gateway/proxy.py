@@ -19,13 +19,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from fleetserve.gateway.api_keys import ANONYMOUS, ApiKey
-from fleetserve.gateway.context import RequestContext
+from fleetserve.gateway.context import RawRequest, RequestContext
 from fleetserve.gateway.gateway import DeadlineExceeded, Gateway, NoReplica, Outcome, Shed
 from fleetserve.gateway.replica import Replica
 from fleetserve.gateway.request_body import BodyShape, InvalidBody, charged_tokens, check_body
 from fleetserve.gateway.route_request import RouteRequest
 from fleetserve.gateway.stream import StreamSession, failure_status
-from fleetserve.gateway.upstream import UpstreamError, post_json
+from fleetserve.gateway.upstream import UpstreamError, post_json, send_raw
 from fleetserve.http.disconnect import ClientDisconnected, unless_disconnected
 from fleetserve.http.errors import error_body
 from fleetserve.http.request_id import request_id_or_new
@@ -115,20 +115,7 @@ def authenticate_operator(gw: Gateway, request: Request, admin_api: bool) -> Non
 
 async def read_json(request: Request, limit: int) -> object:
     """The body parsed as JSON; 413 past `limit` bytes (read no further), 400 if not JSON."""
-    too_large = HttpError(
-        413, f"the body is larger than {limit} bytes (max_body_bytes)", "invalid_request_error"
-    )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    data = bytearray()
-    try:
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise too_large
-    except ClientDisconnect:  # left mid-body (or cut by --body-timeout): nobody to answer
-        raise HttpError(499, "the client left before its body was read", "client_closed") from None
+    data = await read_body(request, limit)
     try:
         body = json.loads(data, parse_constant=_not_json, parse_float=_finite_float)
         if _SURROGATE_ESCAPE.search(data):  # only then can a string fail to encode
@@ -336,13 +323,21 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
             started = gw.clock()
             remaining = ctx.remaining(started)
             timeout = gw.config.unary_timeout_s if remaining is None else max(remaining, 0.001)
-            call = post_json(
-                gw.client,
-                f"{replica.url}{ctx.endpoint}",
-                ctx.body_for(replica),
-                ctx.upstream_headers(retries, replica),
-                timeout,
-            )
+            headers = ctx.upstream_headers(retries, replica)
+            if ctx.raw is not None:
+                call = send_raw(
+                    gw.client,
+                    ctx.raw.method,
+                    f"{replica.url}{ctx.raw.path}",
+                    ctx.raw.content,
+                    {**ctx.raw.headers, **headers},
+                    timeout,
+                )
+            else:
+                call = post_json(
+                    gw.client, f"{replica.url}{ctx.endpoint}", ctx.body_for(replica), headers,
+                    timeout,
+                )  # fmt: skip
             try:
                 resp = await unless_disconnected(request, call)
             except UpstreamError as exc:
@@ -376,11 +371,13 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
             used = await asyncio.to_thread(_usage_tokens, resp) if big else _usage_tokens(resp)
             if used is None and resp.status_code != 200:
                 used = 0  # the replica refused it: nothing was generated
+            headers = {"X-Request-Id": ctx.request_id}
+            passed = {k: v for k, v in resp.headers.items() if k.lower() in PASSED_BACK}
             return Response(
                 resp.content,
                 resp.status_code,
-                media_type="application/json",
-                headers={"X-Request-Id": ctx.request_id},
+                media_type=resp.headers.get("content-type", "application/json"),
+                headers={**passed, **headers},
             )
     except ClientDisconnected:
         status = "499"
@@ -397,6 +394,71 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
         gw.admission.release(ctx.key, ctx.charged_tokens, used, now)
         gw.metrics.e2e.observe(now - ctx.arrival)
         gw.metrics.requests.labels(ctx.endpoint, status).inc()
+
+
+# Headers of a forwarded request that describe its body (the KServe v2 binary extension
+# splits the body in a JSON header and raw tensor bytes), and of its answer.
+PASSED_ON = frozenset({"content-type", "inference-header-content-length"})
+PASSED_BACK = frozenset({"inference-header-content-length"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body's bytes; 413 past `limit` (read no further), 499 if the client left."""
+    too_large = HttpError(
+        413, f"the body is larger than {limit} bytes (max_body_bytes)", "invalid_request_error"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    data = bytearray()
+    try:
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise too_large
+    except ClientDisconnect:  # left mid-body (or cut by --body-timeout): nobody to answer
+        raise HttpError(499, "the client left before its body was read", "client_closed") from None
+    return bytes(data)
+
+
+async def handle_passthrough(
+    gw: Gateway, request: Request, endpoint: str, path: str, method: str = "POST"
+) -> Response:
+    """A tensor model's call (`/predict`, KServe v2), forwarded to a replica as it came:
+    the same keys, limits, queue, deadline and retries as a completion, no token accounting
+    (a request costs one request, no tokens). `endpoint`: the route's template, for metrics;
+    `path`: the replica path to call, built by the caller from checked parts."""
+    request_id = request_id_or_new(request.headers.get("x-request-id"))
+    now = gw.clock()
+    try:
+        key = authenticate(gw, request)
+        deadline = parse_deadline(request, gw, now)
+        content = await read_body(request, gw.config.max_body_bytes) if method == "POST" else b""
+    except HttpError as err:
+        gw.metrics.requests.labels(endpoint, str(err.status)).inc()
+        return err.response(request_id)
+    refused = _admit(gw, key, 0, now)
+    if refused is not None:
+        gw.metrics.requests.labels(endpoint, "429").inc()
+        return refused.response(request_id)
+    headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_ON}
+    ctx = RequestContext(
+        endpoint=endpoint,
+        chat=False,
+        body={},
+        request_id=request_id,
+        key=key,
+        route=RouteRequest(request_id=uuid.uuid4().hex, priority_rank=key.priority_rank),
+        arrival=now,
+        deadline=deadline,
+        charged_tokens=0,
+        raw=RawRequest(method, path, content, headers),
+    )
+    gw.request_started(ctx)
+    try:
+        return await _unary(gw, ctx, request)
+    finally:
+        gw.request_ended(ctx)
 
 
 def _usage_tokens(resp) -> int | None:

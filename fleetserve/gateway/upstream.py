@@ -126,6 +126,33 @@ async def post_json(
     return response
 
 
+async def send_raw(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    content: bytes,
+    headers: dict[str, str],
+    timeout_s: float,
+) -> httpx.Response:
+    """`post_json` for a body forwarded as it came (any method and content type)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            response = await client.request(method, url, content=content, headers=headers)
+    except TimeoutError:
+        raise UpstreamStall(f"no answer within {timeout_s:.1f}s") from None
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
+    if response.status_code != 200 and is_retryable_status(
+        response.status_code, response.content[:MAX_ERROR_BODY]
+    ):
+        raise UpstreamError(
+            f"replica answered {response.status_code}",
+            status=response.status_code,
+            body=response.content[:MAX_ERROR_BODY],
+        )
+    return response
+
+
 async def _read_limited(response: httpx.Response) -> bytes:
     out = bytearray()
     async for chunk in response.aiter_bytes():
