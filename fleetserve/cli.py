@@ -47,14 +47,15 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def _add_fleet(serve: argparse.ArgumentParser) -> None:
-    """`fleetserve serve --replicas N`: N replicas behind one gateway on the public port."""
-    from fleetserve.fleet.replicated import add_replicated_arguments, run_replicated
+    """`fleetserve serve --replicas N` (or with autoscaling, `--min-replicas`/`--max-replicas`):
+    replicas behind one gateway on the public port."""
+    from fleetserve.fleet.replicated import add_replicated_arguments, run_replicated, wants_fleet
 
     add_replicated_arguments(serve)
     run_one = serve.get_default("func")
 
     def run(args: argparse.Namespace) -> int:
-        return run_replicated(args) if args.replicas > 1 else run_one(args)
+        return run_replicated(args) if wants_fleet(args) else run_one(args)
 
     serve.set_defaults(func=run)
 

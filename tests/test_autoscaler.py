@@ -233,6 +233,16 @@ def test_the_idle_clock_restarts_on_any_request() -> None:
     assert events(trace) == [(50.0, 1, 0, "idle_to_zero")]
 
 
+def test_the_idle_clock_starts_when_the_last_replica_is_ready_not_when_it_started() -> None:
+    # A cold start longer than the grace must not be spent idle: the replica that finally
+    # loaded would go at once, before any request could reach it.
+    config = AutoscalerConfig(min_replicas=0, scale_down_delay_s=0, scale_to_zero_grace_s=30)
+    scaler, fleet = Autoscaler(config), ToyFleet(cold_start_s=50.0)
+    fleet.add(0.0)  # loading until t=50
+    trace = play(scaler, fleet, [0] * 60)
+    assert events(trace) == [(78.0, 1, 0, "idle_to_zero")]  # last seen loading at t=48
+
+
 def test_steps_are_bounded() -> None:
     up = AutoscalerConfig(max_replicas=20, target_concurrency=10, max_scale_up_step=2)
     decision = Autoscaler(up).decide(snapshot(0.0, replica("r0", running=1000)))

@@ -7,6 +7,7 @@ import pytest
 
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.dispatcher import (
+    COLD_START,
     NO_REPLICA,
     Dispatcher,
     Outcome,
@@ -150,3 +151,41 @@ def test_unknown_wait_without_any_replica_is_queued_or_shed(deadline):
         assert isinstance(decision, Queued)
     else:  # no slot at all: the predicted wait is infinite, so it cannot meet a deadline
         assert decision == Refused("predicted_wait", d.config.breaker_cooldown_s)
+
+
+# ---- held at zero (the fleet starts replicas on demand: `cold_start_s` is set) --------------
+
+
+def test_at_zero_a_request_is_held_when_the_cold_start_meets_its_deadline():
+    d = dispatcher(replicas=0)
+    d.cold_start_s = 10.0
+    assert isinstance(d.submit(req("no-deadline"), None, 0.0), Queued)
+    assert isinstance(d.submit(req("patient"), 30.0, 0.0), Queued)
+    refused = d.submit(req("hurried"), 5.0, 0.0)
+    assert refused.reason == COLD_START and refused.retry_after_s >= 10.0
+
+
+def test_the_hold_counts_down_the_cold_start_of_a_replica_already_loading():
+    d = dispatcher(replicas=1)
+    d.cold_start_s = 10.0
+    loading = d.replicas["r0"]
+    loading.ready, loading.loading, loading.started_at = False, True, 0.0
+    assert d.cold_start_wait(8.0) == 2.0
+    assert isinstance(d.submit(req("a"), 8.0 + 3.0, 8.0), Queued)
+    refused = d.submit(req("b"), 8.0 + 1.0, 8.0)
+    assert refused.reason == COLD_START and 2.0 <= refused.retry_after_s < 3.0
+    assert d.cold_start_wait(50.0) == 0.0  # late: expected any moment
+
+
+def test_without_a_cold_start_estimate_nothing_is_expected():
+    d = dispatcher(replicas=0)
+    assert d.cold_start_wait(0.0) is None
+    assert d.submit(req("a"), 5.0, 0.0).reason == "predicted_wait"
+
+
+def test_a_held_ticket_that_expires_gets_the_cold_start_as_retry_after():
+    d = dispatcher(replicas=0)
+    d.cold_start_s = 10.0
+    ticket = d.submit(req("a"), None, 0.0).ticket
+    assert d.expire(ticket, 4.0) == Refused(NO_REPLICA, 10.0)
+    assert len(d.queue) == 0

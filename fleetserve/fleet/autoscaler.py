@@ -25,9 +25,10 @@ Algorithm (Knative's KPA, fed with what an LLM fleet knows)
    it), then the fleet goes to the highest figure of the delay (Knative's max-over-window).
 5. SLOs: a TTFT or ITL p90 above its SLO is pressure. It blocks scale-down and, unless a
    replica is already loading, asks for one more.
-6. Zero: with ``min_replicas == 0`` and no load at all for the grace period the fleet goes to
-   zero (reason ``idle_to_zero``); at zero, any load (a request held at the gateway) brings
-   one replica at once (reason ``activate``).
+6. Zero: with ``min_replicas == 0`` and no load at all for the grace period (counted from
+   when no replica is loading any more) the fleet goes to zero (reason ``idle_to_zero``); at
+   zero, any load (a request held at the gateway) brings one replica at once (reason
+   ``activate``).
 7. Steps are bounded by ``max_scale_up_step``/``max_scale_up_rate`` and
    ``max_scale_down_step``/``max_scale_down_rate``, then clamped to
    ``[min_replicas, max_replicas]``. The fleet never shrinks below its loading replicas
@@ -265,8 +266,8 @@ class Autoscaler:
         self._load.append((now, float(load)))
         while self._load and self._load[0][0] <= now - cfg.stable_window_s:
             self._load.popleft()
-        if load > 0 or self._last_busy is None:
-            self._last_busy = now
+        if load > 0 or loading > 0 or self._last_busy is None:
+            self._last_busy = now  # a replica still loading has not had its chance yet
 
         if current == 0 and load > 0:
             return self._bounded(max(1, cfg.min_replicas), "activate", snapshot, current)

@@ -36,12 +36,19 @@ import yaml
 
 from fleetserve.fleet.backend import FLEET_BACKENDS, FleetBackend
 from fleetserve.fleet.backoff import RestartBackoff
+from fleetserve.fleet.controller import AutoscalingSettings, FleetController
+from fleetserve.fleet.options import (
+    add_autoscaling_arguments,
+    autoscaling_from_args,
+    autoscaling_requested,
+)
 from fleetserve.fleet.supervisor import DEFAULT_MAX_FAILURES, Supervisor
+from fleetserve.gateway.api_keys import ApiKeyStore
 from fleetserve.gateway.app import create_app
-from fleetserve.gateway.cli import quiet_http_client_logs
+from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
-from fleetserve.gateway.serve import run, serve_app
+from fleetserve.gateway.serve import quiet_http_client_logs, run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
 from fleetserve.http.sockets import bind
 from fleetserve.http_limits import HttpLimits
@@ -57,23 +64,41 @@ STOP_MARGIN_S = 5.0
 
 
 def add_replicated_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--replicas`, the fleet's and the gateway's options, for `fleetserve serve`."""
+    """`--replicas`, the fleet's, the autoscaler's and the gateway's options, for
+    `fleetserve serve`."""
     parser.add_argument(
         "--replicas",
         type=int,
-        default=1,
-        help="replica processes behind one gateway on --port (default: 1, no gateway)",
+        default=None,
+        help="replica processes behind one gateway on --port (default: 1, no gateway); "
+        "with autoscaling, how many to start with (default: --min-replicas, at least 1)",
     )
+    add_fleet_arguments(parser)
+    add_gateway_arguments(parser, tuning=False)
+    add_autoscaling_arguments(parser)
+
+
+def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replica-max-failures",
         type=int,
         default=DEFAULT_MAX_FAILURES,
         metavar="K",
-        help="with --replicas: give up on a replica that failed to start K times in a row "
-        "(it exited before it was ready); the fleet exits if every replica did "
+        help="give up on a replica that failed to start K times in a row (it exited before "
+        "it was ready); the fleet exits if every replica did "
         f"(default: {DEFAULT_MAX_FAILURES})",
     )
-    add_gateway_arguments(parser, tuning=False)
+
+
+def wants_fleet(args: argparse.Namespace) -> bool:
+    """Whether `fleetserve serve ARGS` runs a fleet (several replicas, or an autoscaler)
+    rather than one replica server."""
+    if (args.replicas or 1) > 1:
+        return True
+    try:
+        return autoscaling_requested(args)
+    except (ValueError, TypeError, OSError):
+        return True  # a broken --gateway-config: `run_replicated` says what is wrong
 
 
 def replica_config(options: dict[str, Any], port: int, internal_key: str) -> dict[str, Any]:
@@ -118,8 +143,27 @@ class ReplicaConfigs:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+@dataclasses.dataclass
+class FleetPlan:
+    """Everything a fleet needs to run, from `fleetserve serve` or `fleetserve gateway`."""
+
+    options: dict[str, Any]  # the replicas' resolved serve options, model included
+    config: GatewayConfig
+    api_keys: ApiKeyStore | None
+    num: int  # replicas to start with
+    autoscaling: AutoscalingSettings | None
+    host: str
+    port: int
+    drain_s: float  # SIGTERM's grace, and a scale-down's drain before streams migrate
+    limits: HttpLimits
+    max_failures: int = DEFAULT_MAX_FAILURES
+    log_level: str = "INFO"
+    backend: str = "local"
+
+
 def run_replicated(args: argparse.Namespace) -> int:
-    """Entry point for `fleetserve serve --replicas N` (N >= 2). Returns the exit code."""
+    """Entry point for `fleetserve serve --replicas N` (N >= 2) or with autoscaling.
+    Returns the exit code."""
     quiet_http_client_logs()
     try:
         options = resolve_options(args)
@@ -130,53 +174,86 @@ def run_replicated(args: argparse.Namespace) -> int:
         api_keys = api_keys_from_args(
             args, public_key=options.get("api_key"), operator_key=options.get("operator_key")
         )
-        model = options.get("model") or default_model()
+        options["model"] = options.get("model") or default_model()
+        autoscaling = autoscaling_from_args(args)
+        if autoscaling is not None:
+            num = autoscaling.initial_replicas(args.replicas)
+        else:
+            num = int(args.replicas)
+        max_failures = int(getattr(args, "replica_max_failures", DEFAULT_MAX_FAILURES))
+        if max_failures < 1:
+            raise ValueError(f"--replica-max-failures must be >= 1, got {max_failures}")
     except (ValueError, TypeError, OSError) as exc:
         return _usage_error(args, str(exc))
-    num = int(args.replicas)
-    max_failures = int(getattr(args, "replica_max_failures", DEFAULT_MAX_FAILURES))
-    if max_failures < 1:
-        return _usage_error(args, f"--replica-max-failures must be >= 1, got {max_failures}")
+    plan = FleetPlan(
+        options=options,
+        config=config,
+        api_keys=api_keys,
+        num=num,
+        autoscaling=autoscaling,
+        host=options["host"],
+        port=options["port"],
+        drain_s=float(options["drain_timeout"]),
+        limits=HttpLimits.from_options(options),  # the public door: the serve limits
+        max_failures=max_failures,
+        log_level=getattr(args, "log_level", "INFO"),
+    )
+    return run_fleet(plan, args)
+
+
+def run_fleet(plan: FleetPlan, args: argparse.Namespace | None = None) -> int:
+    """Start the gateway and the replicas of `plan` and serve until SIGTERM/SIGINT, or
+    until every replica failed. Returns the exit code."""
+    options = plan.options
+    model = options["model"]
     tokenizer_path = options.get("tokenizer") or model
+    # Replicas share the cores: split them between as many as may run at once.
+    most = plan.autoscaling.config.max_replicas if plan.autoscaling else plan.num
     replica_options = {
         **options,
-        "model": model,
-        "num_threads": options.get("num_threads") or max(1, (os.cpu_count() or 1) // num),
+        "num_threads": options.get("num_threads") or max(1, (os.cpu_count() or 1) // most),
     }
     internal_key = secrets.token_urlsafe(24)
     # The replicas read their key from their config; the public one stays out of their env.
     env = {k: v for k, v in os.environ.items() if k not in (API_KEY_ENV, OPERATOR_KEY_ENV)}
-    drain_s = float(options["drain_timeout"])
     try:
-        sock = bind(options["host"], options["port"])
+        sock = bind(plan.host, plan.port)
     except OSError as exc:
-        return _usage_error(args, f"cannot listen on {options['host']}:{options['port']}: {exc}")
-    url = f"http://{options['host']}:{sock.getsockname()[1]}"
-    print(f"fleetserve: gateway on {url}; starting {num} replicas of {model} ...", flush=True)
+        return _usage_error(args, f"cannot listen on {plan.host}:{plan.port}: {exc}")
+    url = f"http://{plan.host}:{sock.getsockname()[1]}"
+    scaling = ""
+    if plan.autoscaling is not None:
+        cfg = plan.autoscaling.config
+        scaling = f" (autoscaling {cfg.min_replicas}..{cfg.max_replicas})"
+    print(
+        f"fleetserve: gateway on {url}; starting {plan.num} replicas of {model}{scaling} ...",
+        flush=True,
+    )
     configs = ReplicaConfigs(replica_options, internal_key)
-    log_level = getattr(args, "log_level", "INFO")
 
     def command(port: int) -> list[str]:
-        return [sys.executable, "-m", "fleetserve.cli", "--log-level", log_level,
+        return [sys.executable, "-m", "fleetserve.cli", "--log-level", plan.log_level,
                 "serve", "--config", str(configs.write(port))]  # fmt: skip
 
-    gw = Gateway(config, api_keys, upstream_api_key=internal_key)
-    local = FLEET_BACKENDS.get("local")  # the only backend yet: Ray and Kubernetes come next
-    backend = local(command, env, health_headers={"Authorization": f"Bearer {internal_key}"})
+    gw = Gateway(plan.config, plan.api_keys, upstream_api_key=internal_key)
+    backend = FLEET_BACKENDS.get(plan.backend)(
+        command, env, health_headers={"Authorization": f"Bearer {internal_key}"}
+    )
     files = TokenizerFiles()
     try:
         failure = run(
             serve_fleet(
                 gw,
                 backend,
-                num,
+                plan.num,
                 sock,
                 tokenizer_path,
                 files,
-                drain_s,
-                max_failures,
-                limits=HttpLimits.from_options(options),  # the public door: the serve limits
-            )  # fmt: skip
+                plan.drain_s,
+                plan.max_failures,
+                limits=plan.limits,
+                autoscaling=plan.autoscaling,
+            )
         )
     finally:
         files.cleanup()
@@ -188,7 +265,7 @@ def run_replicated(args: argparse.Namespace) -> int:
     return 0
 
 
-def _usage_error(args: argparse.Namespace, message: str) -> int:
+def _usage_error(args: argparse.Namespace | None, message: str) -> int:
     parser = getattr(args, "_parser", None)
     if parser is not None:
         parser.error(message)  # exits with status 2
@@ -207,11 +284,14 @@ async def serve_fleet(
     max_failures: int = DEFAULT_MAX_FAILURES,
     backoff: Callable[[], RestartBackoff] = RestartBackoff,
     limits: HttpLimits | None = None,
+    autoscaling: AutoscalingSettings | None = None,
 ) -> str | None:
     """Run `num` supervised replicas behind `gw` on `sock` until SIGTERM/SIGINT or until
-    every replica failed. The gateway finishes the streams in flight for up to `drain_s`
-    (the replicas' own drain timeout) before the replicas are stopped, each with as long
-    again. Returns why the fleet failed, or None after a requested stop."""
+    every replica failed; with `autoscaling`, `num` is where the autoscaler starts from. The
+    gateway finishes the streams in flight for up to `drain_s` (the replicas' own drain
+    timeout) before the replicas are stopped, each with as long again; a replica scaled down
+    gets `drain_s` too before its streams move. Returns why the fleet failed, or None after a
+    requested stop."""
     supervisor = Supervisor(
         backend,
         gw,
@@ -219,8 +299,19 @@ async def serve_fleet(
         stop_grace_s=drain_s + STOP_MARGIN_S,
         max_failures=max_failures,
         backoff=backoff,
+        drain_timeout_s=drain_s,
     )
     supervisor.start()
+    scaler = None
+    if autoscaling is not None:
+        controller = FleetController(
+            gw,
+            supervisor,
+            autoscaling.new_policy(),
+            interval_s=autoscaling.interval_s,
+            cold_start_estimate_s=autoscaling.cold_start_estimate_s,
+        )
+        scaler = asyncio.create_task(controller.run(), name="autoscaler")
     tokenizer = None
     if tokenizer_path:
         tokenizer = asyncio.create_task(_load_tokenizer(gw, tokenizer_path, files))
@@ -229,7 +320,10 @@ async def serve_fleet(
             create_app(gw), sock, graceful_s=drain_s, stop=supervisor.all_failed, limits=limits
         )
     finally:
-        logger.info("stopping %d replicas", num)
+        logger.info("stopping %d replicas", len(supervisor.replica_ids()))
+        if scaler is not None:
+            scaler.cancel()
+            await asyncio.gather(scaler, return_exceptions=True)
         if tokenizer is not None:
             tokenizer.cancel()
         await supervisor.stop()

@@ -107,6 +107,10 @@ class Supervisor:
         draining."""
         return [i for i in self._keepers if i not in self._drains]
 
+    def replica_ids(self) -> list[str]:
+        """Every replica it keeps: loading, ready, failed and draining ones."""
+        return [replica_id(i) for i in self._keepers]
+
     def set_target(self, n: int, remove: Sequence[str] = (), *, reason: str = "manual") -> None:
         """Keep `n` replicas (loading + ready). Growing takes back draining replicas first,
         newest first, then starts new ids. Shrinking removes failed replicas first, then

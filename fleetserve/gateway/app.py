@@ -79,11 +79,19 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
+        """200 while requests can be served: some replica accepts work, or the fleet starts
+        one on demand (scaled to zero, requests are held: a load balancer must keep sending
+        them here, not take the gateway out)."""
         accepting = sum(1 for v in gw.views(gw.clock()) if v.accepting)
-        status = 200 if accepting else 503
+        if accepting:
+            status = "ok"
+        elif gw.dispatcher.cold_start_s is not None:
+            status = "scaled to zero" if not gw.replicas else "replicas starting"
+        else:
+            status = "no replica ready"
         return JSONResponse(
-            {"status": "ok" if accepting else "no replica ready", "replicas_accepting": accepting},
-            status,
+            {"status": status, "replicas_accepting": accepting},
+            503 if status == "no replica ready" else 200,
         )
 
     @app.get("/metrics")

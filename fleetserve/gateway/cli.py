@@ -1,19 +1,26 @@
-"""`fleetserve gateway --replica URL ...`: one front door for replicas that already run."""
+"""`fleetserve gateway --replica URL ...`: one front door for replicas that already run; or
+`fleetserve gateway --backend local --model MODEL`: the gateway starts, supervises and (with
+`--min-replicas`/`--max-replicas`) autoscales its replicas on a fleet backend."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 
+from fleetserve.fleet.backend import FLEET_BACKENDS
+from fleetserve.fleet.options import add_autoscaling_arguments, autoscaling_from_args
+from fleetserve.fleet.replicated import FleetPlan, add_fleet_arguments, run_fleet
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
 from fleetserve.gateway.replica import ReplicaKind, check_replica_url
-from fleetserve.gateway.serve import run, serve_app
+from fleetserve.gateway.serve import quiet_http_client_logs, run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
 from fleetserve.http.sockets import bind
 from fleetserve.http_limits import HttpLimits, add_http_limit_arguments
+from fleetserve.options import default_model, resolve_options
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="front several replicas with routing, failover and admission control",
         description="Front running replicas: routing policies, retries, mid-stream "
         "migration, health probes, circuit breakers, API keys and rate limits.",
-        epilog="Example: fleetserve gateway --replica http://127.0.0.1:8001 "
-        "--replica http://127.0.0.1:8002 --tokenizer MODEL --port 8000",
+        epilog="Examples: fleetserve gateway --replica http://127.0.0.1:8001 "
+        "--replica http://127.0.0.1:8002 --tokenizer MODEL --port 8000; "
+        "fleetserve gateway --backend local --model MODEL --min-replicas 0 --max-replicas 4",
     )
     p.add_argument(
         "--replica",
         action="append",
-        required=True,
+        default=None,
         metavar="URL",
-        help="a replica's base URL (repeat for each replica)",
+        help="a replica's base URL (repeat for each replica); or --backend",
     )
     p.add_argument(
         "--replica-kind",
@@ -65,17 +73,50 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_gateway_arguments(p)
     add_http_limit_arguments(p)
+    fleet = p.add_argument_group("fleet", "with --backend: replicas this gateway starts")
+    fleet.add_argument(
+        "--backend",
+        choices=FLEET_BACKENDS.names(),
+        default=None,
+        help="start and supervise the replicas on this backend instead of fronting --replica URLs",
+    )
+    fleet.add_argument(
+        "--model", default=None, help="the replicas' model (default: the default model)"
+    )
+    fleet.add_argument(
+        "--serve-config",
+        metavar="FILE.yaml",
+        default=None,
+        help="the replicas' options: the keys of `fleetserve serve --config`",
+    )
+    fleet.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="replicas to start (default: 1; with autoscaling --min-replicas, at least 1)",
+    )
+    add_fleet_arguments(fleet)
+    add_autoscaling_arguments(p)
     p.set_defaults(func=main, _parser=p)
-
-
-def quiet_http_client_logs() -> None:
-    """httpx logs every request at INFO: far too much for a proxy."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def main(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
     quiet_http_client_logs()
+    if args.backend is not None:
+        if args.replica:
+            parser.error("give --replica URLs or --backend, not both")
+        return _run_backend(args, parser)
+    if not args.replica:
+        parser.error("give --replica URL (repeat for each replica), or --backend")
+    for name in ("model", "serve_config", "replicas"):
+        if getattr(args, name) is not None:
+            parser.error(f"--{name.replace('_', '-')} needs --backend")
+    try:
+        if autoscaling_from_args(args) is not None:
+            parser.error("autoscaling needs --backend: the gateway cannot start --replica URLs")
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
     kinds = args.replica_kind or ["fleetserve"]
     if len(kinds) not in (1, len(args.replica)):
         parser.error("give --replica-kind once, or once per --replica")
@@ -108,3 +149,44 @@ def main(args: argparse.Namespace) -> int:
     finally:
         files.cleanup()
     return 0
+
+
+def _run_backend(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`fleetserve gateway --backend NAME`: the fleet of `fleetserve serve --replicas`, its
+    replicas' options from `--serve-config`, the door's from this command's flags."""
+    try:
+        options = resolve_options(argparse.Namespace(config=args.serve_config))
+        options["model"] = args.model or options.get("model") or default_model()
+        if args.tokenizer:
+            options["tokenizer"] = args.tokenizer
+        # the replicas it starts honour the priority of the client's key class
+        config = dataclasses.replace(config_from_args(args), forward_priority=True)
+        api_keys = api_keys_from_args(args)
+        autoscaling = autoscaling_from_args(args)
+        if autoscaling is not None:
+            num = autoscaling.initial_replicas(args.replicas)
+        else:
+            num = 1 if args.replicas is None else args.replicas
+            if num < 1:
+                raise ValueError(f"--replicas must be >= 1 without autoscaling, got {num}")
+        if args.replica_max_failures < 1:
+            raise ValueError(
+                f"--replica-max-failures must be >= 1, got {args.replica_max_failures}"
+            )
+        plan = FleetPlan(
+            options=options,
+            config=config,
+            api_keys=api_keys,
+            num=num,
+            autoscaling=autoscaling,
+            host=args.host,
+            port=args.port,
+            drain_s=args.drain_timeout,
+            limits=HttpLimits.from_options(vars(args)),
+            max_failures=args.replica_max_failures,
+            log_level=getattr(args, "log_level", "INFO"),
+            backend=args.backend,
+        )
+    except (ValueError, TypeError, OSError) as exc:
+        parser.error(str(exc))
+    return run_fleet(plan, args)

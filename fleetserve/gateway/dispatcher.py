@@ -8,6 +8,13 @@ routed request ends with `release`, which passes the outcome to the replica's ci
 breaker and grants queued tickets the slots that freed. A ticket whose deadline passes
 before it is granted is `expire`d. Retries and migrations skip the queue and the slot limit
 (`route_now`): they hold the client's place already.
+
+Held at zero. When no replica accepts work but the fleet can start one (its controller sets
+`cold_start_s`, the expected time from a replica's start to its first passing probe), a
+fresh request is queued while a replica loads, its deadline honoured: one that the expected
+cold start cannot meet is refused at once with `COLD_START` (503 and a Retry-After of that
+wait), never left to time out. Without `cold_start_s` (a gateway over fixed URLs) nothing is
+coming, and the wait is unknown.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from fleetserve.gateway.router import Router
 from fleetserve.gateway.wait_estimator import WaitEstimator
 
 NO_REPLICA = "no_replica"  # `Refused.reason` when no replica accepts work at all
+# `Refused.reason` when none accepts work and the next one will not be ready by the deadline
+COLD_START = "cold_start"
 
 
 class Outcome(enum.Enum):
@@ -62,7 +71,8 @@ class Queued:
 @dataclass(frozen=True)
 class Refused:
     """Shed with 429 and this Retry-After: queue_full, predicted_wait, displaced,
-    deadline; or `NO_REPLICA` (503) when nothing accepts work."""
+    deadline; or 503 with it: `NO_REPLICA` when nothing accepts work, `COLD_START` when a
+    replica is starting but will not be ready by the deadline."""
 
     reason: str
     retry_after_s: float = 0.0
@@ -92,6 +102,9 @@ class Dispatcher:
         )
         self.queue: DispatchQueue[Ticket] = DispatchQueue(config.max_queue)
         self.waits = WaitEstimator()
+        # Seconds from a replica's start to ready, when the fleet starts replicas on demand
+        # (set by its controller); None: no replica comes on its own.
+        self.cold_start_s: float | None = None
 
     def views(self, now: float) -> list[ReplicaView]:
         return [r.view(now) for r in self.replicas.values()]
@@ -111,7 +124,15 @@ class Dispatcher:
             if replica is not None:
                 return Routed(replica)
         ahead = self.queue.ahead_of(request.priority_rank)
-        predicted = self.waits.predict_wait(ahead, self.router.total_slots(self.views(now)))
+        slots = self.router.total_slots(self.views(now))
+        predicted = self.waits.predict_wait(ahead, slots)
+        cold_start = self.cold_start_wait(now) if slots == 0 else None
+        if cold_start is not None:
+            # Held while a replica starts: the wait is its cold start, then the queue ahead.
+            per_replica = self.config.max_outstanding_per_replica
+            predicted = cold_start + self.waits.predict_wait(ahead, per_replica)
+            if deadline is not None and now + predicted > deadline:
+                return Refused(COLD_START, predicted)
         if deadline is not None and now + predicted > deadline:
             retry = predicted if math.isfinite(predicted) else self.config.breaker_cooldown_s
             return Refused("predicted_wait", retry)
@@ -122,6 +143,19 @@ class Dispatcher:
         except QueueFull:
             return Refused("queue_full", predicted if math.isfinite(predicted) else 1.0)
         return Queued(ticket, displaced)
+
+    def cold_start_wait(self, now: float) -> float | None:
+        """Seconds until a replica should be ready when none is: the least remaining cold
+        start of those loading, else a whole one (the fleet starts one now). None when no
+        replica comes on its own (`cold_start_s` unset)."""
+        if self.cold_start_s is None:
+            return None
+        remaining = [
+            max(self.cold_start_s - (now - r.started_at), 0.0)
+            for r in self.replicas.values()
+            if r.loading and r.started_at is not None
+        ]
+        return min(remaining, default=self.cold_start_s)
 
     def route_now(self, request: RouteRequest, now: float) -> Replica | None:
         """A replica for a retry or a migration, past the slot limit and the queue; the
@@ -185,10 +219,12 @@ class Dispatcher:
 
     def expire(self, ticket: Ticket, now: float) -> Refused:
         """`ticket` waited past `expires_at` without a slot: it leaves the queue, refused
-        with `NO_REPLICA` when nothing accepts work, else shed as `deadline`."""
+        with `NO_REPLICA` when nothing accepts work (retry once a replica should be ready),
+        else shed as `deadline`."""
         if not self.any_accepting(now):
             self.queue.remove(ticket)
-            return Refused(NO_REPLICA)
+            cold_start = self.cold_start_wait(now)
+            return Refused(NO_REPLICA, cold_start or 0.0)
         slots = self.router.total_slots(self.views(now))
         retry = self.waits.predict_wait(len(self.queue), max(slots, 1))
         self.queue.remove(ticket)

@@ -23,6 +23,7 @@ from fleetserve.gateway.api_keys import ApiKeyStore
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.context import RequestContext
 from fleetserve.gateway.dispatcher import (
+    COLD_START,
     DISPLACED,
     NO_REPLICA,
     Dispatcher,
@@ -35,6 +36,7 @@ from fleetserve.gateway.dispatcher import (
 )
 from fleetserve.gateway.health import probe_loop
 from fleetserve.gateway.kv_events import kv_event_loop
+from fleetserve.gateway.latency_window import LatencyWindow
 from fleetserve.gateway.metrics import GatewayMetrics
 from fleetserve.gateway.replica import Replica, ReplicaKind, ReplicaView
 from fleetserve.gateway.retry_budget import RetryBudget
@@ -56,7 +58,11 @@ class Shed(Exception):
 
 
 class NoReplica(Exception):
-    """No replica could take the request in time (503)."""
+    """No replica could take the request in time (503, with this Retry-After)."""
+
+    def __init__(self, reason: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(Exception):
@@ -65,7 +71,13 @@ class DeadlineExceeded(Exception):
 
 def _refusal(refused: Refused) -> Exception:
     if refused.reason == NO_REPLICA:
-        return NoReplica("no replica became ready in time")
+        return NoReplica("no replica became ready in time", max(refused.retry_after_s, 1.0))
+    if refused.reason == COLD_START:
+        return NoReplica(
+            f"no replica is ready and the next one is expected in {refused.retry_after_s:.0f}s, "
+            "after the request's deadline",
+            refused.retry_after_s,
+        )
     return Shed(refused.reason, refused.retry_after_s)
 
 
@@ -105,6 +117,16 @@ class Gateway:
         self._tasks: dict[str, list[asyncio.Task]] = {}
         self._changed = asyncio.Event()  # set whenever a replica may have become usable
         self._started = False
+        # What clients felt lately (the autoscaler's SLO inputs); its controller sets the window.
+        self.recent_ttft = LatencyWindow()
+        self.recent_itl = LatencyWindow()
+        # Hooks of the fleet's controller: a request waits with no replica accepting work
+        # (scale from zero now, not at the next tick), and a replica's measured cold start.
+        self.on_starved: Callable[[], None] | None = None
+        self.on_cold_start: Callable[[float], None] | None = None
+        # Requests refused because no replica would be ready by their deadline, since the
+        # controller last looked: demand it must see although they are not queued.
+        self.turned_away = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -246,7 +268,10 @@ class Gateway:
         if replica.loading and replica.ready:
             replica.loading = False
             if replica.started_at is not None:
-                self.metrics.cold_start.observe(self.clock() - replica.started_at)
+                seconds = self.clock() - replica.started_at
+                self.metrics.cold_start.observe(seconds)
+                if self.on_cold_start is not None:
+                    self.on_cold_start(seconds)
         self.notify_changed()
 
     def views(self, now: float) -> list[ReplicaView]:
@@ -272,11 +297,16 @@ class Gateway:
             self._count(decision.replica)
             return decision.replica
         if isinstance(decision, Refused):
+            if decision.reason == COLD_START:
+                self.turned_away += 1
+                self._starved()
             raise _refusal(decision)
         assert isinstance(decision, Queued)
         ticket = decision.ticket
         if decision.displaced is not None:
             self._refuse(decision.displaced, DISPLACED)
+        if not self.any_accepting():
+            self._starved()
         future = asyncio.get_running_loop().create_future()
         ticket.gone = future.done
         self._waiters[ticket] = future
@@ -297,6 +327,10 @@ class Gateway:
             self.metrics.queue_wait.observe(self.clock() - now)
             if not granted and _granted(future):  # the waiter was cancelled
                 self.release(future.result(), Outcome.NEUTRAL, None, request.request_id)
+
+    def _starved(self) -> None:
+        if self.on_starved is not None:
+            self.on_starved()
 
     async def route_now(self, request: RouteRequest, deadline: float | None) -> Replica:
         """A replica for a retry or a migration, waiting up to `replica_wait_s` (and the

@@ -1,7 +1,8 @@
 """Gateway command-line options, shared by `fleetserve gateway` and
 `fleetserve serve --replicas N`. Every `GatewayConfig` field can come from a YAML file
 (`--gateway-config`); the few flags below override it. The YAML file may also hold
-`operator_key` (see `api_keys_from_args`)."""
+`operator_key` (see `api_keys_from_args`) and an `autoscaling:` mapping (read by
+`fleetserve.fleet.options`)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ TUNING_FLAGS = {
     "retry_min_concurrency": (int, "retries in flight always allowed (default 3)"),
 }
 _SECRETS = {"operator_key"}  # YAML keys read here that are not GatewayConfig fields
+_SECTIONS = {"autoscaling"}  # YAML keys other modules read
 _FIELD = {
     "stall_timeout": "stall_timeout_s",
     "first_chunk_timeout": "first_chunk_timeout_s",
@@ -97,14 +99,16 @@ def _metavar(dest: str, kind: type) -> str:
     return "SECONDS" if kind is float else "N"
 
 
-def _config_file(args: argparse.Namespace) -> dict:
+def gateway_config_file(args: argparse.Namespace) -> dict:
+    """The `--gateway-config` YAML as a mapping ({} without one); raises ValueError for an
+    unknown key."""
     path = getattr(args, "gateway_config", None)
     if not path:
         return {}
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of GatewayConfig fields")
-    known = {f.name for f in dataclasses.fields(GatewayConfig)} | _SECRETS
+    known = {f.name for f in dataclasses.fields(GatewayConfig)} | _SECRETS | _SECTIONS
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
@@ -112,7 +116,7 @@ def _config_file(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    values = {k: v for k, v in _config_file(args).items() if k not in _SECRETS}
+    values = {k: v for k, v in gateway_config_file(args).items() if k not in _SECRETS | _SECTIONS}
     for dest in TUNING_FLAGS:
         value = getattr(args, f"gw_{dest}", None)
         if value is not None:
@@ -126,7 +130,7 @@ def operator_key_from_args(args: argparse.Namespace) -> str | None:
     """--operator-key, else $FLEETSERVE_OPERATOR_KEY, else the config file's operator_key."""
     key = getattr(args, "operator_key", None) or os.environ.get(OPERATOR_KEY_ENV)
     if not key:
-        key = _config_file(args).get("operator_key")
+        key = gateway_config_file(args).get("operator_key")
     if key is not None and not isinstance(key, str):
         raise ValueError("operator_key must be a string (quote it in the YAML file)")
     return key or None

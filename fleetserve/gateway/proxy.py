@@ -60,8 +60,13 @@ class HttpError(Exception):
         )
 
 
+def retry_after_seconds(retry_after_s: float) -> int:
+    """A Retry-After header's whole seconds: at least 1, 60 for an unknown wait."""
+    return max(1, math.ceil(retry_after_s)) if math.isfinite(retry_after_s) else 60
+
+
 def too_many(reason: str, retry_after_s: float) -> HttpError:
-    seconds = max(1, math.ceil(retry_after_s)) if math.isfinite(retry_after_s) else 60
+    seconds = retry_after_seconds(retry_after_s)
     return HttpError(
         429,
         f"rate limited ({reason}); retry after {seconds}s",
@@ -295,7 +300,10 @@ def _failure_response(
         return too_many(exc.reason, exc.retry_after_s).response(ctx.request_id)
     if isinstance(exc, NoReplica):
         return HttpError(
-            503, f"no replica available: {exc}", "service_unavailable", {"Retry-After": "1"}
+            503,
+            f"no replica available: {exc}",
+            "service_unavailable",
+            {"Retry-After": str(retry_after_seconds(exc.retry_after_s))},
         ).response(ctx.request_id)
     if isinstance(exc, DeadlineExceeded):
         return HttpError(504, f"the request's deadline passed ({exc})", "timeout").response(

@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def quiet_http_client_logs() -> None:
+    """httpx logs every request at INFO: far too much for a proxy."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

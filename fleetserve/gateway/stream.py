@@ -61,6 +61,7 @@ class StreamSession:
         self.retries = 0
         self.migrations = 0
         self.status = "200"
+        self.first_token_at: float | None = None
         self._closed = False
 
     # ---- before the first byte ---------------------------------------------------------------
@@ -199,7 +200,9 @@ class StreamSession:
         had_token = self.state.token_sent
         events = self.state.on_event(data)
         if self.state.token_sent and not had_token:
-            self.gw.metrics.ttft.observe(self.gw.clock() - self.ctx.arrival)
+            self.first_token_at = now = self.gw.clock()
+            self.gw.metrics.ttft.observe(now - self.ctx.arrival)
+            self.gw.recent_ttft.observe(now, now - self.ctx.arrival)
         if self.state.token_sent:
             self.gw.prefill_done(self.replica, self.ctx.route.request_id)
         return events
@@ -302,6 +305,9 @@ class StreamSession:
             used = len(self.state.prompt_ids) + sum(len(g) for g in self.state.generated.values())
         self.gw.admission.release(self.ctx.key, self.ctx.charged_tokens, used, now)
         self.gw.metrics.e2e.observe(now - self.ctx.arrival)
+        tokens = max((len(g) for g in self.state.generated.values()), default=0)
+        if ok and self.first_token_at is not None and tokens > 1:
+            self.gw.recent_itl.observe(now, (now - self.first_token_at) / (tokens - 1))
         self.gw.metrics.requests.labels(self.ctx.endpoint, self.status).inc()
 
 
