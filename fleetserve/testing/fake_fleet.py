@@ -31,7 +31,7 @@ from fleetserve.fleet.replicated import serve_fleet
 from fleetserve.gateway.api_keys import with_operator_key
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
-from fleetserve.gateway.serve import run
+from fleetserve.gateway.serve import quiet_http_client_logs, run
 from fleetserve.gateway.tokenizer import TokenizerFiles
 from fleetserve.http.sockets import bind
 from fleetserve.options import OPERATOR_KEY_ENV
@@ -75,6 +75,7 @@ def replica_command(args: argparse.Namespace, port: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    quiet_http_client_logs()
     autoscaling = autoscaling_from_args(args)
     if autoscaling is not None:
         initial = autoscaling.initial_replicas(args.replicas)
