@@ -95,9 +95,12 @@ def cpu_flags() -> str:
         elif line.startswith("flags") and not flags:
             flags = set(line.split(":", 1)[1].split())
     have = [f for f in wanted if f in flags]
-    return f"{os.cpu_count()} cores {model}; flags {' '.join(have)}" + (
-        "" if "amx_bf16" in flags else " (no amx)"
-    )
+    amx = "" if "amx_bf16" in flags else " (no amx)"
+    return f"{os.cpu_count()} cores {model}; flags {' '.join(have)}{amx}"
+
+
+def load_average() -> str:
+    return f"load average (1 min) {os.getloadavg()[0]:.2f}"
 
 
 # ---- the trace -----------------------------------------------------------------------------
@@ -123,6 +126,13 @@ def poisson_arrivals(phases: list[Phase], seed: int) -> list[tuple[float, str]]:
             out.append((t, phase.name))
         start += phase.duration_s
     return out
+
+
+def burst_rate(cal: dict, replicas: int, streams: float, tokens: int) -> float:
+    """Requests/s that keep `replicas` replicas at `streams` streams each, by the calibrated
+    cost: a replica with n streams makes n / (token_delay + n x per_seq) tokens/s."""
+    tokens_per_s = streams / (cal["token_delay_s"] + streams * cal["per_seq_s"])
+    return replicas * tokens_per_s / tokens
 
 
 def prompt(i: int, words: int) -> str:
@@ -367,6 +377,7 @@ class RunSummary:
     reversals: int
     max_replicas_seen: int
     max_queue: int
+    load_average: str = ""
     errors: list[str] = field(default_factory=list)
 
 
@@ -393,7 +404,8 @@ def summarize(name: str, results: list[Result], samples: list[Sample], end: floa
 
 
 def run_one(name: str, cmd: list[str], initial: int, arrivals, args) -> dict:
-    print(f"{name}: starting ({' '.join(cmd[2:])})", flush=True)
+    print(f"{name}: starting ({' '.join(cmd[2:])}); {load_average()}", flush=True)
+    before = os.getloadavg()[0]
     fleet = Fleet(name, cmd, args.out / f"{name}.log")
     try:
         fleet.wait_ready(initial)
@@ -402,6 +414,7 @@ def run_one(name: str, cmd: list[str], initial: int, arrivals, args) -> dict:
     finally:
         fleet.close()
     summary = summarize(name, results, samples, end)
+    summary.load_average = f"{before:.2f} -> {os.getloadavg()[0]:.2f}"
     print(f"{name}: {fmt_summary(summary)}", flush=True)
     return {"summary": asdict(summary), "command": cmd,
             "samples": [asdict(s) for s in samples],
@@ -438,6 +451,7 @@ def markdown(report: dict) -> str:
         ("desired-size reversals", "reversals", "{}"),
         ("most replicas at once", "max_replicas_seen", "{}"),
         ("longest gateway queue", "max_queue", "{}"),
+        ("load average (1 min) before -> after", "load_average", "{}"),
     ]
     lines = [
         f"# autoscale benchmark {report['started']}",
@@ -497,9 +511,12 @@ def plot(report: dict, path: Path) -> None:
         right.plot(t, [s["queue"] for s in samples], color="green", lw=1, label="gateway queue")
         arrivals = [r["arrival_s"] for r in run["requests"]]
         if arrivals:
-            bins = max(1, int(max(arrivals)) + 1)
-            right.hist(arrivals, bins=bins, range=(0, bins), color="gray", alpha=0.3,
-                       label="arrivals / s")  # fmt: skip
+            width = max(1.0, max(arrivals) / 60)  # about 60 bins
+            per_bin = [0] * (int(max(arrivals) / width) + 1)
+            for a in arrivals:
+                per_bin[int(a / width)] += 1
+            right.step([i * width for i in range(len(per_bin))], [c / width for c in per_bin],
+                       where="post", color="gray", ls="--", lw=1, label="arrivals / s")  # fmt: skip
         right.set_ylabel("queue, arrivals/s")
         handles = ax.get_legend_handles_labels()
         more = right.get_legend_handles_labels()
@@ -616,7 +633,7 @@ def calibrate(model: str, rounds: int = 3, batch: int = 8, tokens: int = 64, wor
     print(f"calibrate {model}: step at batch 1 {[round(s, 4) for s in steps[1]]} s, at batch "
           f"{batch} {[round(s, 4) for s in steps[batch]]} s; TTFT at batch 1 "
           f"{[round(t, 4) for t in ttft1]} s for {prompt_tokens} prompt tokens; load "
-          f"{load_s:.1f} s; CPU {cpu_flags()}")  # fmt: skip
+          f"{load_s:.1f} s; CPU {cpu_flags()}; {load_average()}")  # fmt: skip
     print(f"CALIBRATION = {json.dumps(result)}")
     return result
 
@@ -632,7 +649,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle-s", type=float, default=60.0)
     p.add_argument("--burst-s", type=float, default=60.0)
     p.add_argument("--after-s", type=float, default=60.0)
-    p.add_argument("--base-rate", type=float, default=None, help="req/s (default: by backend)")
+    p.add_argument(
+        "--base-rate",
+        type=float,
+        default=None,
+        help="req/s (default: the burst keeps the max fleet at 3/4 of its target, by the "
+        "calibrated cost, and the base is 1/burst-factor of that)",
+    )
     p.add_argument("--burst-factor", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=None, help="default: 64 fake, 32 real")
@@ -660,7 +683,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )  # fmt: skip
     args.max_replicas = args.max_replicas or (2 if real else 4)
     args.max_tokens = args.max_tokens or (32 if real else 64)
-    args.base_rate = args.base_rate or (0.15 if real else 0.3)
+    # The burst keeps the max fleet at 3/4 of the target concurrency a replica (by the
+    # calibrated cost); the base rate is a tenth of it.
+    args.base_rate = args.base_rate or round(
+        burst_rate(args.calibration, args.max_replicas, 0.75 * args.target_concurrency,
+                   args.max_tokens) / args.burst_factor, 4
+    )  # fmt: skip
     window = 10.0 if args.quick else 20.0
     args.stable_window = args.stable_window or window
     args.scale_down_delay = args.scale_down_delay or args.stable_window
