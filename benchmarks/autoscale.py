@@ -59,16 +59,21 @@ WORDS = (
     "stream goes on to its last token on one replica or another"
 ).split()
 
-# SmolLM2-135M-Instruct Q4_1 served by `fleetserve serve` on this machine (2 cores AMD EPYC,
-# avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16, no amx), measured with
+# SmolLM2-135M-Instruct Q4_1 (dequantized to float32) served by `fleetserve serve` with its
+# defaults on this machine (2 cores AMD EPYC, avx2 fma avx512f avx512bw avx512vl avx512_vnni
+# avx512_bf16, no amx), measured 2026-11-30 19:13-19:21 UTC with
 #   flock /tmp/fleetserve-bench.lock .venv/bin/python benchmarks/autoscale.py --calibrate smollm2
-# (median of 3 rounds): decode step = token_delay + per_seq x streams, prefill per prompt
-# token, load = start to first passing /health.
+# while other engineers' tests kept the 1-minute load average at 6-7 on the 2 cores (their
+# processes outside the lock): step at batch 1 0.910/1.323/0.873 s, at batch 8
+# 2.248/1.462/1.357 s, load 39.6 s. A decode step costs token_delay + per_seq x streams; load
+# is start to first passing /health (the prefill figure came out 0: TTFT at batch 1 was
+# below one step). On a quiet machine expect several times less; run --calibrate and pass
+# its line as --calibration.
 CALIBRATION = {
-    "token_delay_s": 0.040,
-    "per_seq_s": 0.008,
-    "prefill_s_per_token": 0.0005,
-    "load_s": 6.0,
+    "token_delay_s": 0.8314,
+    "per_seq_s": 0.0788,
+    "prefill_s_per_token": 0.0,
+    "load_s": 39.6,
 }
 
 
@@ -658,7 +663,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--burst-factor", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=None, help="default: 64 fake, 32 real")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens a request")
     p.add_argument("--prompt-words", type=int, default=24)
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=None, help="default: 4 fake, 2 real")
@@ -682,7 +687,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             20.0, 30.0, 30.0
         )  # fmt: skip
     args.max_replicas = args.max_replicas or (2 if real else 4)
-    args.max_tokens = args.max_tokens or (32 if real else 64)
     # The burst keeps the max fleet at 3/4 of the target concurrency a replica (by the
     # calibrated cost); the base rate is a tenth of it.
     args.base_rate = args.base_rate or round(
