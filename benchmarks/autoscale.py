@@ -13,7 +13,8 @@ freshly started fleet: (a) autoscaled between `--min-replicas` and `--max-replic
 fixed fleet of min size, (c) a fixed fleet of max size. Per run: requests lost (anything but
 a 200 with the whole stream), TTFT p50/p99 of the requests that arrived during the burst,
 replica-seconds (the replicas holding a process, loading + ready + draining, sampled from
-the gateway's /metrics every `--sample-s` and integrated over the run), scale events, and
+the gateway's /metrics every `--sample-s` and integrated over the trace's length, the same
+window for every fleet), scale events, and
 reversals of the desired size (up after down or down after up: oscillation). Then the
 ratios autoscaled / fixed-max of replica-seconds and of TTFT p99 (the aim: <= 0.6 and
 <= 1.5). Written to `--out` (default bench-out/autoscale-TIME/): `timeline.png` (replicas by
@@ -386,7 +387,11 @@ class RunSummary:
     errors: list[str] = field(default_factory=list)
 
 
-def summarize(name: str, results: list[Result], samples: list[Sample], end: float) -> RunSummary:
+def summarize(
+    name: str, results: list[Result], samples: list[Sample], end: float, window: float
+) -> RunSummary:
+    """`window`: the trace's length, over which replica-seconds are counted for every fleet
+    alike (a fleet whose last answer comes later is not charged less for stopping sooner)."""
     burst = [r.ttft_s for r in results if r.phase == "burst" and r.ttft_s is not None]
     every = [r.ttft_s for r in results if r.ttft_s is not None]
     lost = [r for r in results if r.status != 200 or not r.complete]
@@ -398,7 +403,7 @@ def summarize(name: str, results: list[Result], samples: list[Sample], end: floa
         ttft_burst_p50_s=pct(burst, 0.5),
         ttft_burst_p99_s=pct(burst, 0.99),
         ttft_all_p99_s=pct(every, 0.99),
-        replica_seconds=replica_seconds(samples, end),
+        replica_seconds=replica_seconds(samples, window),
         duration_s=end,
         scale_events=events,
         reversals=reversals(samples),
@@ -418,7 +423,7 @@ def run_one(name: str, cmd: list[str], initial: int, arrivals, args) -> dict:
         results, samples, end = asyncio.run(drive(fleet, arrivals, args))
     finally:
         fleet.close()
-    summary = summarize(name, results, samples, end)
+    summary = summarize(name, results, samples, end, args.idle_s + args.burst_s + args.after_s)
     summary.load_average = f"{before:.2f} -> {os.getloadavg()[0]:.2f}"
     print(f"{name}: {fmt_summary(summary)}", flush=True)
     return {"summary": asdict(summary), "command": cmd,
