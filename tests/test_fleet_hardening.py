@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
@@ -31,8 +30,6 @@ from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.options import resolve_options
 from fleetserve.testing.launcher import stop_process_group
-
-TESTS = Path(__file__).parent
 
 
 def _serve_args(argv: list[str]):
@@ -212,7 +209,7 @@ def test_a_failed_replica_shows_in_admin_replicas_and_metrics():
 
 def _fake_fleet(*args: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, str(TESTS / "fake_fleet.py"), *args],
+        [sys.executable, "-m", "fleetserve.testing.fake_fleet", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -8,7 +8,15 @@ gives a real model. It keeps a real prefix cache of hashed blocks (LRU, KV event
 and evict) and charges `prefill_s_per_token` for every uncached prompt token, so routing
 with and without prefix awareness differs measurably. `POST /fake/control` injects failures.
 
+Decode cost. With `per_seq_s = 0` each stream sleeps `token_delay_s` per token on its own, so
+the batch is free. With `per_seq_s > 0` the replica behaves like an engine with continuous
+batching: one step clock (`StepClock`) advances every running stream by one token per step,
+and a step costs `token_delay_s + per_seq_s x (streams running)`, so a replica gets slower
+per token as it takes more streams (what makes scaling out worth anything). `load_delay_s`
+keeps /health at 503 for that long after start, like a replica loading its model.
+
     python -m fleetserve.testing.fake_replica --port 8101 --token-delay 0.01
+    python -m fleetserve.testing.fake_replica --port 8101 --token-delay 0.02 --per-seq-delay 0.004
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -65,12 +73,54 @@ def next_token(seq: list[int]) -> int:
     return ALPHABET[zlib.crc32(key) % len(ALPHABET)]
 
 
+class StepClock:
+    """One decode step at a time for all the streams of a replica, as an engine's batch.
+
+    `next_step()` returns when the step under way ends (a stream that asks mid-step gets its
+    token at that step's end, as if it had been scheduled into it). A step starts when a
+    stream asks for one and none is under way, and lasts `cost(running())` seconds, read at
+    its start: every stream on the replica counts, as in a batch. Safe to cancel a waiter:
+    the step goes on for the others. `sleep` is injected so that tests need no wall time."""
+
+    def __init__(
+        self,
+        running: Callable[[], int],
+        cost: Callable[[int], float],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._running = running
+        self._cost = cost
+        self._sleep = sleep
+        self._step_done = asyncio.Event()
+        self._asked = 0  # streams waiting for the step under way
+        self._task: asyncio.Task | None = None
+        self.steps = 0  # steps completed (tests)
+
+    async def next_step(self) -> None:
+        self._asked += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="fake-step-clock")
+        await self._step_done.wait()
+
+    async def _run(self) -> None:
+        # Streams ask again only after their token is out: when none has by a step's end,
+        # the clock stops and the next ask starts it (no step is charged to nobody).
+        while self._asked:
+            await self._sleep(self._cost(max(1, self._running())))
+            done, self._step_done, self._asked = self._step_done, asyncio.Event(), 0
+            self.steps += 1
+            done.set()
+
+
 @dataclass
 class FakeSettings:
     block_size: int = 4
     num_blocks: int = 4096
     token_delay_s: float = 0.002
+    # > 0: one step clock for all streams, a step costs token_delay_s + per_seq_s x running
+    per_seq_s: float = 0.0
     prefill_s_per_token: float = 0.0
+    load_delay_s: float = 0.0  # /health answers 503 for this long after start (loading)
     max_concurrent: int = 256  # beyond this, requests wait (shows as waiting)
     max_model_len: int = 32768  # the context: prompt plus generated tokens
     # failure injection (POST /fake/control)
@@ -104,6 +154,19 @@ class FakeReplica:
         self.bodies: list[dict] = []
         self.headers: list[dict[str, str]] = []  # of each generation request
         self._slots: asyncio.Semaphore | None = None
+        self.clock = StepClock(lambda: self.running, self.step_cost)
+        self.ready_at = time.monotonic() + self.s.load_delay_s
+
+    def step_cost(self, running: int) -> float:
+        """Seconds of one decode step with `running` streams (read from the settings at each
+        step, so /fake/control can change them)."""
+        return self.s.token_delay_s + self.s.per_seq_s * running
+
+    async def _decode_step(self) -> None:
+        if self.s.per_seq_s > 0:
+            await self.clock.next_step()
+        else:
+            await asyncio.sleep(self.s.token_delay_s)
 
     # ---- the prefix cache -------------------------------------------------------------------
 
@@ -166,7 +229,7 @@ class FakeReplica:
                     await asyncio.sleep(3600)
                 if self.s.die_after_tokens is not None and i >= self.s.die_after_tokens:
                     raise ConnectionResetError("fake replica: injected death")
-                await asyncio.sleep(self.s.token_delay_s)
+                await self._decode_step()
                 token = next_token(seq)
                 seq.append(token)
                 stopped = detok.add_token(token)
@@ -203,6 +266,8 @@ class FakeReplica:
 
         @app.get("/health")
         async def health() -> Response:
+            if time.monotonic() < self.ready_at:
+                return Response(status_code=503)  # still "loading its model"
             return Response(status_code=self.s.health_status)
 
         @app.get("/metrics")
@@ -369,24 +434,40 @@ class FakeReplica:
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, FakeSettings]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--token-delay", type=float, default=0.002)
+    parser.add_argument("--token-delay", type=float, default=0.002, help="seconds per step")
+    parser.add_argument(
+        "--per-seq-delay",
+        type=float,
+        default=0.0,
+        help="seconds each running stream adds to a step (0: streams cost nothing together)",
+    )
     parser.add_argument("--prefill-s-per-token", type=float, default=0.0)
+    parser.add_argument(
+        "--load-delay", type=float, default=0.0, help="seconds /health answers 503 after start"
+    )
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--num-blocks", type=int, default=4096)
     parser.add_argument("--max-model-len", type=int, default=32768)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     settings = FakeSettings(
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         token_delay_s=args.token_delay,
+        per_seq_s=args.per_seq_delay,
         prefill_s_per_token=args.prefill_s_per_token,
+        load_delay_s=args.load_delay,
         max_model_len=args.max_model_len,
     )
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, settings = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
     uvicorn.run(
         FakeReplica(settings).app(),
         host=args.host,
