@@ -5,9 +5,8 @@ autoscaler on, as a child process in its own process group, over a tiny real mod
   the fleet scaled up to serve them.
 - Load removed: the fleet returns to its minimum while 10 long greedy streams run; the
   replica that goes is drained by migration (short drain deadline), and every stream's text
-  equals a run of the same prompts on a fleet that does not scale. That it then *stays* at
-  its minimum is a strict xfail for now: the controller still counts the drained replica's
-  last /metrics load after its streams moved, and scales up again.
+  equals a run of the same prompts on a fleet that does not scale, and the fleet then stays
+  at its minimum (a draining replica's stale /metrics load once scaled it straight back up).
 - At zero replicas, a request whose deadline is shorter than the expected cold start gets
   503 with Retry-After, never a 404.
 - SIGKILL of the replica being drained during a scale-down loses nothing (fake replicas
@@ -327,12 +326,6 @@ def test_scale_down_migrates_ten_long_streams_text_exactly(scale_down_run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    strict=True,
-    reason="the fleet controller counts a draining replica's last /metrics load after its "
-    "streams migrated (stale running=5 on top of the 10 now on the other replica), so the "
-    "policy scales 1 -> 2 again seconds after the scale-down",
-)
 def test_the_fleet_stays_at_its_minimum_while_the_ten_streams_finish(scale_down_run):
     run = scale_down_run
     assert run["ups_during"] == 0, "scaled up again after the load was removed"

@@ -243,6 +243,17 @@ def test_the_idle_clock_starts_when_the_last_replica_is_ready_not_when_it_starte
     assert events(trace) == [(78.0, 1, 0, "idle_to_zero")]  # last seen loading at t=48
 
 
+def test_a_replica_that_gets_ready_gets_the_whole_scale_down_delay() -> None:
+    # Two replicas start with no load: the second may go, but only a whole delay after both
+    # are ready, not the moment it is (the delay would have run out while it loaded).
+    config = AutoscalerConfig(min_replicas=1, scale_down_delay_s=20)
+    scaler, fleet = Autoscaler(config), ToyFleet(cold_start_s=30.0)
+    fleet.add(0.0)
+    fleet.add(0.0)  # both loading until t=30
+    trace = play(scaler, fleet, [0] * 40)
+    assert events(trace) == [(50.0, 2, 1, "stable")]
+
+
 def test_steps_are_bounded() -> None:
     up = AutoscalerConfig(max_replicas=20, target_concurrency=10, max_scale_up_step=2)
     decision = Autoscaler(up).decide(snapshot(0.0, replica("r0", running=1000)))

@@ -22,7 +22,9 @@ Algorithm (Knative's KPA, fed with what an LLM fleet knows)
 4. *Stable* scale-up is immediate. Scale-down asks for ``ceil(avg / (target_concurrency x
    (1 - scale_down_tolerance)))``, a size still under its target by the tolerance, and waits:
    that lower figure must hold for the whole scale-down delay (any higher sample restarts
-   it), then the fleet goes to the highest figure of the delay (Knative's max-over-window).
+   it, and so does a replica getting ready: it gets the whole delay, not what is left of one
+   that ran out while it loaded),
+   then the fleet goes to the highest figure of the delay (Knative's max-over-window).
 5. SLOs: a TTFT or ITL p90 above its SLO is pressure. It blocks scale-down and, unless a
    replica is already loading, asks for one more.
 6. Zero: with ``min_replicas == 0`` and no load at all for the grace period (counted from
@@ -226,6 +228,7 @@ class Autoscaler:
         self._last_busy: float | None = None
         self._last_now: float | None = None
         self._panic_until: float | None = None
+        self._ready_before: int | None = None  # ready replicas at the previous decision
         self._panic_peak = 0
 
     def observe_cold_start(self, seconds: float) -> None:
@@ -260,6 +263,9 @@ class Autoscaler:
         loading = sum(r.state == "loading" for r in snapshot.replicas)
         ready = sum(r.state == "ready" for r in snapshot.replicas)
         current = loading + ready
+        if self._ready_before is not None and ready > self._ready_before:
+            self._forget_lower()  # a replica that just got ready gets the whole delay
+        self._ready_before = ready
 
         on_replicas = sum(r.running + r.waiting for r in snapshot.replicas)
         load = max(on_replicas, snapshot.gateway_in_flight) + snapshot.gateway_queued
