@@ -144,6 +144,7 @@ class ReplicaActor:
         self.folder: str | None = None
         self.tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
         self.exited = asyncio.Event()
+        self.reaper: asyncio.Task | None = None  # held: the loop keeps only weak references
 
     async def place(self) -> Placement:
         host = ray.util.get_node_ip_address()
@@ -167,7 +168,7 @@ class ReplicaActor:
         threading.Thread(
             target=_pass_through, args=(self.proc.stderr, self.tail), daemon=True
         ).start()
-        asyncio.get_running_loop().create_task(self._reap())
+        self.reaper = asyncio.get_running_loop().create_task(self._reap())
         return self.proc.pid
 
     async def _reap(self) -> None:
@@ -197,7 +198,8 @@ class ReplicaActor:
 
 @dataclasses.dataclass
 class RayReplica:
-    """The driver's side of one replica: its actor, and futures for its placement and end."""
+    """The driver's side of one replica: its actor, a future for its end, and where it runs
+    once placed."""
 
     actor: Any
     exited: asyncio.Future  # -> Exit; raises RayActorError when the actor dies
@@ -238,7 +240,10 @@ class RayBackend(FleetBackend):
         if placement is None:
             return False
         argv = self.command(placement.port)
-        handle.pid = await replica.actor.launch.remote(argv, _config_of(argv), placement.host)
+        try:
+            handle.pid = await replica.actor.launch.remote(argv, _config_of(argv), placement.host)
+        except (RayActorError, ActorUnavailableError):
+            return False  # its node died under it: `wait_exit` says so
         replica.placement = placement
         handle.url = placement.url
         logger.info(
