@@ -246,7 +246,7 @@ def _body(i: int) -> dict:
     return {
         "model": "llama",
         "prompt": f"request {i} says",
-        "max_tokens": 600,  # still streaming when the removed node's processes die (~1 s)
+        "max_tokens": 1000,  # still streaming when the removed node's processes die (~1 s)
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
