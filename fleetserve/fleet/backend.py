@@ -26,6 +26,30 @@ class ReplicaHandle:
     )
 
 
+@dataclass(frozen=True)
+class ReplicaResources:
+    """What one replica asks a cluster backend (Ray) for: CPUs, GPUs, memory (bytes) and
+    custom resources, the labels its nodes were started with (`ray start --resources
+    '{"a100": 4}'`). The local backend takes none: a replica there gets what the machine has."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory: int | None = None
+    custom: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("num_cpus", "num_gpus"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.memory is not None and self.memory <= 0:
+            raise ValueError(f"memory must be > 0 bytes, got {self.memory}")
+        for label, amount in self.custom.items():
+            if not isinstance(label, str) or not label:
+                raise ValueError(f"a custom resource needs a name, got {label!r}")
+            if isinstance(amount, bool) or not isinstance(amount, int | float) or amount < 0:
+                raise ValueError(f"custom resource {label!r} must be a number >= 0, got {amount!r}")
+
+
 class FleetBackend(abc.ABC):
     name: str
 
@@ -52,5 +76,6 @@ FLEET_BACKENDS: Registry[type[FleetBackend]] = Registry(
     "fleet backend",
     {
         "local": "fleetserve.fleet.local:LocalBackend",
+        "ray": "fleetserve.fleet.ray_backend:RayBackend",  # pip install fleetserve[ray]
     },
 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -34,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from fleetserve.fleet.backend import FLEET_BACKENDS, FleetBackend
+from fleetserve.fleet.backend import FLEET_BACKENDS, FleetBackend, ReplicaResources
 from fleetserve.fleet.backoff import RestartBackoff
 from fleetserve.fleet.controller import AutoscalingSettings, FleetController
 from fleetserve.fleet.options import (
@@ -52,7 +53,13 @@ from fleetserve.gateway.serve import quiet_http_client_logs, run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
 from fleetserve.http.sockets import bind
 from fleetserve.http_limits import HttpLimits
-from fleetserve.options import API_KEY_ENV, OPERATOR_KEY_ENV, default_model, resolve_options
+from fleetserve.options import (
+    API_KEY_ENV,
+    OPERATOR_KEY_ENV,
+    default_model,
+    parse_size,
+    resolve_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ logger = logging.getLogger(__name__)
 FLEET_OPTIONS = frozenset({"host", "port", "api_key", "operator_key"})
 # Past its drain timeout, a replica gets this long to exit before it is killed.
 STOP_MARGIN_S = 5.0
+# The flags of `--backend ray` (attribute names), refused with any other backend.
+RAY_FLAGS = ("ray_address", "replica_cpus", "replica_gpus", "replica_memory", "replica_resources")
 
 
 def add_replicated_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +81,13 @@ def add_replicated_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="replica processes behind one gateway on --port (default: 1, no gateway); "
         "with autoscaling, how many to start with (default: --min-replicas, at least 1)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=FLEET_BACKENDS.names(),
+        default="local",
+        help="where the replicas run: processes on this machine (local), or Ray actors on "
+        "the nodes of a Ray cluster (ray: pip install fleetserve[ray]) (default: local)",
     )
     add_fleet_arguments(parser)
     add_gateway_arguments(parser, tuning=False)
@@ -88,6 +104,71 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
         "it was ready); the fleet exits if every replica did "
         f"(default: {DEFAULT_MAX_FAILURES})",
     )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="--backend ray: the cluster to join, as `ray.init(address=...)` takes it "
+        "(HOST:PORT of its head, or auto); default: $RAY_ADDRESS, or a cluster started with "
+        "`ray start` on this machine, or else a new one-node cluster",
+    )
+    parser.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=None,
+        metavar="N",
+        help="--backend ray: CPUs each replica asks for (default: 1; also its threads)",
+    )
+    parser.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        metavar="N",
+        help="--backend ray: GPUs each replica asks for (default: 0)",
+    )
+    parser.add_argument(
+        "--replica-memory",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="--backend ray: memory each replica asks for, e.g. 8GiB (default: none)",
+    )
+    parser.add_argument(
+        "--replica-resources",
+        type=_resources_json,
+        default=None,
+        metavar="JSON",
+        help="--backend ray: custom resources each replica asks for, e.g. '{\"a100\": 1}' "
+        "for nodes started with `ray start --resources '{\"a100\": 8}'`",
+    )
+
+
+def _resources_json(text: str) -> dict[str, float]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('give an object of names and amounts: {"a100": 1}')
+    return value
+
+
+def backend_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of the backend `args.backend` names: for ray, the cluster and
+    what each replica asks for. Raises ValueError for Ray's flags with another backend."""
+    given = [name for name in RAY_FLAGS if getattr(args, name, None) is not None]
+    if getattr(args, "backend", None) != "ray":
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --backend ray")
+        return {}
+    cpus, gpus = args.replica_cpus, args.replica_gpus
+    resources = ReplicaResources(
+        num_cpus=1.0 if cpus is None else cpus,
+        num_gpus=0.0 if gpus is None else gpus,
+        memory=args.replica_memory,
+        custom=args.replica_resources or {},
+    )
+    return {"address": args.ray_address, "resources": resources}
 
 
 def wants_fleet(args: argparse.Namespace) -> bool:
@@ -95,6 +176,8 @@ def wants_fleet(args: argparse.Namespace) -> bool:
     rather than one replica server."""
     if args.replicas is not None and args.replicas != 1:
         return True  # several, or a bad count `run_replicated` refuses
+    if getattr(args, "backend", "local") != "local":
+        return True  # even one replica runs on the backend, behind the gateway
     try:
         return autoscaling_requested(args)
     except (ValueError, TypeError, OSError):
@@ -159,6 +242,8 @@ class FleetPlan:
     max_failures: int = DEFAULT_MAX_FAILURES
     log_level: str = "INFO"
     backend: str = "local"
+    # The backend's own keyword arguments (`backend_options_from_args`).
+    backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def run_replicated(args: argparse.Namespace) -> int:
@@ -185,6 +270,7 @@ def run_replicated(args: argparse.Namespace) -> int:
         max_failures = int(getattr(args, "replica_max_failures", DEFAULT_MAX_FAILURES))
         if max_failures < 1:
             raise ValueError(f"--replica-max-failures must be >= 1, got {max_failures}")
+        backend_options = backend_options_from_args(args)
     except (ValueError, TypeError, OSError) as exc:
         return _usage_error(args, str(exc))
     plan = FleetPlan(
@@ -199,6 +285,8 @@ def run_replicated(args: argparse.Namespace) -> int:
         limits=HttpLimits.from_options(options),  # the public door: the serve limits
         max_failures=max_failures,
         log_level=getattr(args, "log_level", "INFO"),
+        backend=getattr(args, "backend", "local"),
+        backend_options=backend_options,
     )
     return run_fleet(plan, args)
 
@@ -209,12 +297,14 @@ def run_fleet(plan: FleetPlan, args: argparse.Namespace | None = None) -> int:
     options = plan.options
     model = options["model"]
     tokenizer_path = options.get("tokenizer") or model
-    # Replicas share the cores: split them between as many as may run at once.
+    # Replicas share the cores: split them between as many as may run at once; or each
+    # has the CPUs it asked a cluster for.
     most = plan.autoscaling.config.max_replicas if plan.autoscaling else plan.num
-    replica_options = {
-        **options,
-        "num_threads": options.get("num_threads") or max(1, (os.cpu_count() or 1) // most),
-    }
+    threads = max(1, (os.cpu_count() or 1) // most)
+    resources = plan.backend_options.get("resources")
+    if resources is not None:
+        threads = max(1, int(resources.num_cpus))
+    replica_options = {**options, "num_threads": options.get("num_threads") or threads}
     internal_key = secrets.token_urlsafe(24)
     # The replicas read their key from their config; the public one stays out of their env.
     env = {k: v for k, v in os.environ.items() if k not in (API_KEY_ENV, OPERATOR_KEY_ENV)}
@@ -238,9 +328,19 @@ def run_fleet(plan: FleetPlan, args: argparse.Namespace | None = None) -> int:
                 "serve", "--config", str(configs.write(port))]  # fmt: skip
 
     gw = Gateway(plan.config, plan.api_keys, upstream_api_key=internal_key)
-    backend = FLEET_BACKENDS.get(plan.backend)(
-        command, env, health_headers={"Authorization": f"Bearer {internal_key}"}
-    )
+    try:
+        backend = FLEET_BACKENDS.get(plan.backend)(
+            command,
+            env,
+            health_headers={"Authorization": f"Bearer {internal_key}"},
+            **plan.backend_options,
+        )
+    except (ImportError, ConnectionError, ValueError) as exc:
+        sock.close()
+        configs.close()
+        extra = " (pip install fleetserve[ray])" if isinstance(exc, ImportError) else ""
+        print(f"fleetserve: backend {plan.backend}: {exc}{extra}", file=sys.stderr, flush=True)
+        return 1
     files = TokenizerFiles()
     try:
         failure = run(

@@ -17,7 +17,12 @@ from fleetserve.fleet.backend import FLEET_BACKENDS
 from fleetserve.fleet.controller import AutoscalingSettings, FleetController
 from fleetserve.fleet.kubernetes import DiscoveryTarget, ExternalScaler, KubernetesDiscovery
 from fleetserve.fleet.options import add_autoscaling_arguments, autoscaling_from_args
-from fleetserve.fleet.replicated import FleetPlan, add_fleet_arguments, run_fleet
+from fleetserve.fleet.replicated import (
+    FleetPlan,
+    add_fleet_arguments,
+    backend_options_from_args,
+    run_fleet,
+)
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
@@ -234,6 +239,7 @@ def _run_backend(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             max_failures=args.replica_max_failures,
             log_level=getattr(args, "log_level", "INFO"),
             backend=args.backend,
+            backend_options=backend_options_from_args(args),
         )
     except (ValueError, TypeError, OSError) as exc:
         parser.error(str(exc))
