@@ -45,7 +45,9 @@ class Failure:
             at, down = rest.split("+")
             return cls(int(replica), float(at), float(down))
         except ValueError:
-            raise ValueError(f"--fail {text!r}: expected REPLICA@AT_S+DOWN_S, e.g. 0@30+10")
+            raise ValueError(
+                f"--fail {text!r}: expected REPLICA@AT_S+DOWN_S, e.g. 0@30+10"
+            ) from None
 
 
 class SimFleet:
