@@ -207,3 +207,16 @@ def test_fleet_spec_rejects_a_failure_of_a_replica_it_does_not_have():
     with pytest.raises(ValueError, match="REPLICA@AT_S"):
         Failure.parse("nope")
     assert Failure.parse("1@30+10") == Failure(1, 30.0, 10.0)
+
+
+def test_scale_from_zero_holds_the_first_requests_for_the_cold_start():
+    auto = AutoscalingSettings(
+        config=AutoscalerConfig(min_replicas=0, max_replicas=2, stable_window_s=6.0),
+        interval_s=1.0,
+    )
+    sim = run(bench(n=10, rate=5.0, output_len=8), fleet(0, autoscaling=auto, cold_start_s=3.0))
+    report = sim.report
+    assert report["summary"]["requests"]["completed"] == 10
+    first = report["requests"][0]
+    assert first["ttft_ms"] >= 3000.0  # held at the gateway while the replica loaded
+    assert report["simulation"]["scale_events"][0]["reason"] == "activate"
