@@ -75,9 +75,11 @@ def run(args: argparse.Namespace) -> int:
     core = build_engine_core(config, progress=not args.no_progress)
     import torch
 
+    weights = next(core.runner.model.parameters())
     meta = {
         "model": model,
         "dtype": config.dtype,
+        "weights_dtype": str(weights.dtype).removeprefix("torch."),
         "hardware": {"torch_threads": torch.get_num_threads(), "device": str(config.device)},
     }
     with tqdm(total=grid.num_points, unit="shape", disable=args.no_progress) as bar:
