@@ -4,18 +4,20 @@ against real servers and against the simulator, side by side.
     flock /tmp/fleetserve-bench.lock python benchmarks/sim_fidelity.py \\
         --cost-model bench-out/smollm2.json --rows light,near,over
     flock /tmp/fleetserve-bench.lock python benchmarks/sim_fidelity.py \\
-        --cost-model bench-out/smollm2-1thread.json --rows round_robin,prefix_aware
+        --cost-model bench-out/smollm2.json --rows round_robin,prefix_aware
 
 Rows (SmolLM2, the default model, exact prompts with its tokenizer, --ignore-eos, seed 0):
 
 - `light`, `near`, `over`: one replica (`fleetserve serve`) at 20%, 80% and 150% of the
   request rate the simulator finds it sustains (a closed loop of 32, simulated);
-- `round_robin`, `prefix_aware`: three replicas (`fleetserve serve --num-threads 1` x 3 behind
+- `round_robin`, `prefix_aware`: three replicas (`fleetserve serve` x 3 behind
   `fleetserve gateway --router R`) on the multi-turn workload.
 
 Each row prints TTFT p50/p90, TPOT p50, output tokens/s, the prefix-cache hit rate (real: the
 replicas' /metrics counters; simulated: the engines' own) and errors, real vs simulated, with
 the relative error. The bench.json files stay under --out for `fleetserve bench compare`.
+Every real replica computes on one thread (`--num-threads 1`), as the profile must: profile
+with `fleetserve profile --num-threads 1`.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def simulate(cost_model: Path, flags: list[str], out: Path, label: str, *extra: 
 def real_single(flags: list[str], out: Path, label: str) -> tuple[dict, float | None]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start(["serve", "--port", str(port)], out.with_suffix(".log"))
+    proc = start(["serve", "--port", str(port), "--num-threads", "1"], out.with_suffix(".log"))
     try:
         wait_healthy(url, proc)
         before = prefix_counters([url])

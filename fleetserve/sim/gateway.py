@@ -139,9 +139,11 @@ class SimGateway:
         replica = self.replicas[replica_id]
         engine = self.engines[replica_id]
         victims = [s for s in self._by_engine_id.values() if s.replica is replica]
-        engine.abort([s.engine_id for s in victims])
+        engine_ids = [s.engine_id for s in victims]
         for stream in victims:
-            self._detach(stream)
+            self._detach(stream)  # first: the aborts' outputs are not their ends
+        engine.abort(engine_ids)
+        for stream in victims:
             self._release(replica, Outcome.NEUTRAL, stream)
             self._migrate(stream, replica_id)
 
@@ -275,7 +277,8 @@ class SimGateway:
         self._end(stream, kind, "no replica accepts work")
 
     def _end(self, stream: SimStream, error: str | None = None, detail: str | None = None):
-        self.admission.release(self.key, len(stream.prompt_ids) + stream.max_tokens, None, 0)
+        charged = len(stream.prompt_ids) + stream.max_tokens
+        self.admission.release(self.key, charged, None, self.loop.now)
         stream.finish(self.loop.now, error, detail)
 
     # ---- what the engines say ----------------------------------------------------------

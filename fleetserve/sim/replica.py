@@ -135,10 +135,12 @@ class SimReplica:
             self._step()
 
     def _step(self) -> None:
+        runner = self.core.runner
+        runner.last_step_s = 0.0
         outputs = self.core.step()
-        seconds = self.core.runner.last_step_s
-        if not outputs and not self.core.scheduler.running:
-            self._stepping = False  # nothing could be scheduled (cannot happen with a sane KV)
+        seconds = runner.last_step_s
+        if seconds == 0.0:  # nothing was scheduled: wait for the next request
+            self._stepping = False
             return
         self._stepping = True
         self.steps += 1
