@@ -122,7 +122,7 @@ def simulate(bench: BenchSpec, fleet_spec: FleetSpec, text_source: TextSource) -
 
 
 def _simulation_record(
-    spec: FleetSpec, gateway: SimGateway, fleet: SimFleet, loop: EventLoop, prompts
+    spec: FleetSpec, gateway: SimGateway, fleet: SimFleet, loop: EventLoop, prompts: PromptBuilder
 ) -> dict[str, Any]:
     queries = hits = preemptions = steps = 0
     for engine in fleet.engines.values():
