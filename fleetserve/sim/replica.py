@@ -131,10 +131,16 @@ class SimReplica:
         return self.prefix_queries + stats.queries, self.prefix_hits + stats.hits
 
     def _kick(self) -> None:
+        """Start a step if none is running: as an event at the current time, so that every
+        request arriving at this instant joins it (the engine-core process also drains its
+        input before it schedules)."""
         if not self._stepping and self.core.has_unfinished():
-            self._step()
+            self._stepping = True
+            self.loop.call_at(self.loop.now, self._step, self.generation)
 
-    def _step(self) -> None:
+    def _step(self, generation: int) -> None:
+        if generation != self.generation:
+            return
         runner = self.core.runner
         runner.last_step_s = 0.0
         outputs = self.core.step()
@@ -142,7 +148,6 @@ class SimReplica:
         if seconds == 0.0:  # nothing was scheduled: wait for the next request
             self._stepping = False
             return
-        self._stepping = True
         self.steps += 1
         self.busy_s += seconds
         self.loop.call_later(seconds, self._step_done, self.generation, outputs)
