@@ -150,10 +150,11 @@ class SimGateway:
     def changed(self) -> None:
         """A replica may have become usable: serve the queue and parked migrations."""
         self._hand_out(self.dispatcher.grant(self.loop.now))
-        parked, self._parked = self._parked, []
-        for stream, _ in parked:
-            if not stream.done:
-                self._place_again(stream, frozenset())
+        self._parked = [
+            (stream, deadline)
+            for stream, deadline in self._parked
+            if not stream.done and not self._place_again(stream, frozenset())
+        ]
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -243,11 +244,16 @@ class SimGateway:
             return
         stream.migrations += 1
         self.migrations += 1
-        self._place_again(stream, frozenset({failed_on}))
+        if not self._place_again(stream, frozenset({failed_on})):
+            # No replica accepts work: wait up to `replica_wait_s` for one (`changed`).
+            deadline = self.loop.now + self.config.replica_wait_s
+            self._parked.append((stream, deadline))
+            self.loop.call_at(deadline, self._give_up, stream)
+            self._starved()
 
-    def _place_again(self, stream: SimStream, exclude: frozenset[str]) -> None:
-        """Route a retry or continuation now (past the queue), or park it for
-        `replica_wait_s` until a replica accepts work."""
+    def _place_again(self, stream: SimStream, exclude: frozenset[str]) -> bool:
+        """Route a continuation now, past the queue and the slot limit; False when no
+        replica accepts work."""
         now = self.loop.now
         ids = stream.prompt_ids + stream.output_ids
         route = RouteRequest(
@@ -260,14 +266,10 @@ class SimGateway:
             needs_extensions=True,
         )
         replica = self.dispatcher.route_now(route, now)
-        if replica is not None:
-            self._dispatch(stream, replica)
-            return
-        if not any(s is stream for s, _ in self._parked):
-            deadline = now + self.config.replica_wait_s
-            self._parked.append((stream, deadline))
-            self.loop.call_at(deadline, self._give_up, stream)
-            self._starved()
+        if replica is None:
+            return False
+        self._dispatch(stream, replica)
+        return True
 
     def _give_up(self, stream: SimStream) -> None:
         if stream.done or stream.replica is not None:
