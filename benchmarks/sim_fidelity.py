@@ -228,6 +228,8 @@ def main() -> int:
     parser.add_argument("--multi-turn-rate", type=float, default=0.5, help="conversations/s")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # A timeout's SIGTERM must still stop the servers (the `finally` blocks run on SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(rows) - set(ROWS)
     if unknown:
