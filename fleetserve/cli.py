@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "serve": "fleetserve.server.cli",
     "gateway": "fleetserve.gateway.cli",
     "bench": "fleetserve.bench.cli",
+    "simulate": "fleetserve.sim.cli",
+    "profile": "fleetserve.perf.cli",
 }
 
 
@@ -64,6 +66,8 @@ _HELP = {
     "serve": "serve a model over an OpenAI-compatible HTTP API",
     "gateway": "front several replicas with routing, failover and admission control",
     "bench": "load-test an OpenAI-compatible endpoint and report latency and throughput",
+    "simulate": "run a bench workload against a simulated fleet (virtual time, cost model)",
+    "profile": "measure the engine's step times and fit a cost model for fleetserve simulate",
 }
 
 
