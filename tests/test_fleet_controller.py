@@ -15,8 +15,9 @@ import test_fleet_scaling
 from gateway_harness import wait_until
 
 from fleetserve.fleet.autoscaler import Autoscaler, AutoscalerConfig
-from fleetserve.fleet.controller import AutoscalingSettings, FleetController
+from fleetserve.fleet.controller import FleetController
 from fleetserve.fleet.options import add_autoscaling_arguments, autoscaling_from_args
+from fleetserve.fleet.scaling import AutoscalingSettings
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import add_gateway_arguments
@@ -309,6 +310,12 @@ def test_the_gateway_stays_healthy_at_zero_when_its_fleet_starts_replicas_on_dem
         controller(gw, StubSupervisor([]))
         answer = client.get("/health")
         assert answer.status_code == 200 and answer.json()["status"] == "scaled to zero"
+        from fleetserve.gateway.replica import Replica
+
+        gw.replicas["r0"] = Replica("r0", "http://127.0.0.1:9", loading=True)
+        assert client.get("/health").json()["status"] == "replicas starting"
+        gw.replicas["r0"].failed = "crash loop"  # its supervisor gave up: nothing will come
+        assert client.get("/health").status_code == 503
 
 
 # ---- the commands ------------------------------------------------------------------------------

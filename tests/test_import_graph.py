@@ -254,3 +254,17 @@ def test_imports_are_read_as_python_runs_them(tmp_path: Path) -> None:
     found = set(_imported("fleetserve.pkg.mod", source, known))
     assert found == {"typing", "fleetserve.pkg.sibling", "fleetserve", "shown", "torch"}
     assert "hidden" in set(_imported("fleetserve.pkg.mod", source, known, type_checking=True))
+
+
+def test_the_simulator_does_not_import_the_gateways_asyncio_shell():
+    """It runs the pure policies (dispatcher, autoscaler) on a virtual clock; the live
+    gateway and the fleet controller are asyncio code it must not depend on."""
+    reached = set()
+    todo = [m for m in modules() if m.startswith("fleetserve.sim")]
+    while todo:
+        m = todo.pop()
+        if m in reached:
+            continue
+        reached.add(m)
+        todo.extend(graph().get(m, ()))
+    assert not reached & {"fleetserve.gateway.gateway", "fleetserve.fleet.controller"}

@@ -290,3 +290,18 @@ def test_a_replica_an_operator_removed_while_it_loaded_comes_back_when_ready():
     ready = Endpoint("rep-0", "http://10.0.0.5:8000", ready=True, terminating=False)
     discovery.apply(gw, {"rep-0": ready})  # raised KeyError and stopped the discovery
     assert gw.replicas["rep-0"].url == ready.url and not gw.replicas["rep-0"].down
+
+
+def test_the_service_account_token_is_read_on_every_call(tmp_path, monkeypatch):
+    # The kubelet rotates a projected token: one read at start would expire (every poll 401,
+    # the replica table frozen).
+    from fleetserve.fleet import kubernetes
+
+    monkeypatch.setattr(kubernetes, "SERVICE_ACCOUNT", tmp_path)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    (tmp_path / "token").write_text("first\n")
+    discovery = KubernetesDiscovery(DiscoveryTarget("llm", "fleet-replicas"), verify=False)
+    assert discovery.api_url == "https://10.96.0.1:443"
+    assert discovery.headers == {"Authorization": "Bearer first"}
+    (tmp_path / "token").write_text("rotated\n")
+    assert discovery.headers == {"Authorization": "Bearer rotated"}

@@ -94,3 +94,27 @@ def test_packed_engine_is_token_exact(tiny_llama, dtype, monkeypatch):
     monkeypatch.setattr(loader, "pack_linears", lambda model: 0)
     plain = generate(expect_packed=False)
     assert packed == plain
+
+
+def test_packing_frees_each_float_weight_as_it_goes():
+    # Holding the modules to pack kept every float weight alive until the end: the peak was
+    # all float weights plus all packed copies.
+    import weakref
+
+    from fleetserve.models import packed_linear
+
+    model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(4)))
+    weights = [weakref.ref(m.weight) for m in model]
+    alive_while_packing = []
+    real = PackedLinear.from_linear
+
+    def watch(linear):
+        alive_while_packing.append(sum(w() is not None for w in weights))
+        return real(linear)
+
+    packed_linear.PackedLinear.from_linear = staticmethod(watch)
+    try:
+        assert pack_linears(model) == 4
+    finally:
+        packed_linear.PackedLinear.from_linear = real
+    assert alive_while_packing == [4, 3, 2, 1]  # the earlier ones are gone already

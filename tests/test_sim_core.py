@@ -18,7 +18,7 @@ from fleetserve.bench.config import (
 )
 from fleetserve.bench.tokenizer import WordTokenizer
 from fleetserve.fleet.autoscaler import AutoscalerConfig
-from fleetserve.fleet.controller import AutoscalingSettings
+from fleetserve.fleet.scaling import AutoscalingSettings
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.perf.cost_model import CostModel
 from fleetserve.sim.events import EventLoop

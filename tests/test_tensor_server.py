@@ -353,6 +353,8 @@ def check_tensor_routes_through(gateway: str, replica: str) -> None:
         output = triton.InferRequestedOutput("embedding", binary_data=binary)
         got = client.infer("tiny-bert", [item], outputs=[output]).as_numpy("embedding")
         assert np.allclose(got, want, atol=1e-5)
+    # a model named "ready" is a model, not the ready call of the models route
+    assert httpx.get(f"{gateway}/v2/models/ready").status_code == 404
     for bad in ("..", ".hidden", "%2e%2e", "a%2fb"):
         resp = httpx.post(f"{gateway}/v2/models/{bad}/infer", content=b"{}")
         assert resp.status_code in (400, 404), (bad, resp.status_code)

@@ -181,12 +181,11 @@ class KubernetesDiscovery:
                     "--discover kubernetes:// runs inside a pod: $KUBERNETES_SERVICE_HOST is unset"
                 )
             api_url = f"https://{host}:{port}"
-            token = token or (SERVICE_ACCOUNT / "token").read_text().strip()
             ca = SERVICE_ACCOUNT / "ca.crt"
             if verify is True and ca.exists():
                 verify = ssl.create_default_context(cafile=str(ca))
         self.api_url = api_url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.token = token  # None: the mounted ServiceAccount token, read on every call
         self.verify = verify
         self.discovered: dict[str, tuple[str, str]] = {}  # id -> (url, loading|ready|draining)
 
@@ -198,8 +197,21 @@ class KubernetesDiscovery:
             f"?labelSelector={selector}"
         )
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The bearer token, read afresh each time: the kubelet rotates a projected
+        ServiceAccount token, and an old one expires (every call would answer 401)."""
+        token = self.token
+        if token is None:
+            token = (SERVICE_ACCOUNT / "token").read_text().strip()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     async def list_slices(self, client: httpx.AsyncClient) -> list[dict]:
-        resp = await client.get(self.api_url + self.path, headers=self.headers)
+        try:
+            headers = self.headers
+        except OSError as exc:
+            raise RuntimeError(f"cannot read the ServiceAccount token: {exc}") from None
+        resp = await client.get(self.api_url + self.path, headers=headers)
         if resp.status_code != 200:
             raise RuntimeError(
                 f"listing the EndpointSlices of {self.target.namespace}/{self.target.service} "

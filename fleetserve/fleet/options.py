@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any
 
 from fleetserve.fleet.autoscaler import AUTOSCALING_POLICIES, AutoscalerConfig
-from fleetserve.fleet.controller import AutoscalingSettings
+from fleetserve.fleet.scaling import AutoscalingSettings
 from fleetserve.gateway.options import gateway_config_file
 
 _DEFAULTS = AutoscalerConfig()

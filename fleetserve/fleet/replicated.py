@@ -37,12 +37,13 @@ import yaml
 
 from fleetserve.fleet.backend import FLEET_BACKENDS, FleetBackend, ReplicaResources
 from fleetserve.fleet.backoff import RestartBackoff
-from fleetserve.fleet.controller import AutoscalingSettings, FleetController
+from fleetserve.fleet.controller import FleetController
 from fleetserve.fleet.options import (
     add_autoscaling_arguments,
     autoscaling_from_args,
     autoscaling_requested,
 )
+from fleetserve.fleet.scaling import AutoscalingSettings
 from fleetserve.fleet.supervisor import DEFAULT_MAX_FAILURES, Supervisor
 from fleetserve.gateway.api_keys import ApiKeyStore
 from fleetserve.gateway.app import create_app

@@ -93,12 +93,16 @@ def create_app(gw: Gateway) -> FastAPI:
         return JSONResponse({"ready": ready}, 200 if ready else 503)
 
     @app.get("/v2/models/{model}")
-    @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}")
-    @app.get("/v2/models/{model}/versions/{version}/ready")
     async def v2_model(request: Request, model: str, version: str | None = None) -> Response:
-        path = _v2_path(model, version, request.url.path.endswith("/ready") and "ready")
+        path = _v2_path(model, version, "")
         return await handle_passthrough(gw, request, "/v2/models/{model}", path, method="GET")
+
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def v2_model_ready(request: Request, model: str, version: str | None = None) -> Response:
+        path = _v2_path(model, version, "ready")
+        return await handle_passthrough(gw, request, "/v2/models/{model}/ready", path, method="GET")
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
@@ -119,11 +123,14 @@ def create_app(gw: Gateway) -> FastAPI:
         one on demand (scaled to zero, requests are held: a load balancer must keep sending
         them here, not take the gateway out)."""
         accepting = sum(1 for v in gw.views(gw.clock()) if v.accepting)
+        on_demand = gw.dispatcher.cold_start_s is not None
         if accepting:
             status = "ok"
-        elif gw.dispatcher.cold_start_s is not None:
-            status = "scaled to zero" if not gw.replicas else "replicas starting"
-        else:
+        elif on_demand and not gw.replicas:
+            status = "scaled to zero"
+        elif on_demand and any(r.failed is None for r in gw.replicas.values()):
+            status = "replicas starting"
+        else:  # none serves and none will: fixed URLs all down, or every replica failed
             status = "no replica ready"
         return JSONResponse(
             {"status": status, "replicas_accepting": accepting},
@@ -238,7 +245,7 @@ def _describe(gw: Gateway, replica: Replica) -> dict:
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
-def _v2_path(model: str, version: str | None, leaf: str | bool) -> str:
+def _v2_path(model: str, version: str | None, leaf: str) -> str:
     """The replica path of a KServe v2 model route, from a checked model name and version
     (letters, digits, `_`, `.`, `-`, not starting with `.`); 400 otherwise."""
     for what, name in (("model name", model), ("model version", version)):

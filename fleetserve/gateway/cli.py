@@ -14,7 +14,7 @@ import os
 import socket
 
 from fleetserve.fleet.backend import FLEET_BACKENDS
-from fleetserve.fleet.controller import AutoscalingSettings, FleetController
+from fleetserve.fleet.controller import FleetController
 from fleetserve.fleet.kubernetes import DiscoveryTarget, ExternalScaler, KubernetesDiscovery
 from fleetserve.fleet.options import add_autoscaling_arguments, autoscaling_from_args
 from fleetserve.fleet.replicated import (
@@ -23,6 +23,7 @@ from fleetserve.fleet.replicated import (
     backend_options_from_args,
     run_fleet,
 )
+from fleetserve.fleet.scaling import AutoscalingSettings
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args

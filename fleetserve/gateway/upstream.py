@@ -108,22 +108,9 @@ async def post_json(
     client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str], timeout_s: float
 ) -> httpx.Response:
     """A non-streamed call; returns 2xx and non-retryable answers, raises otherwise."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            response = await client.post(url, json=body, headers=headers)
-    except TimeoutError:
-        raise UpstreamStall(f"no answer within {timeout_s:.1f}s") from None
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
-    if response.status_code != 200 and is_retryable_status(
-        response.status_code, response.content[:MAX_ERROR_BODY]
-    ):
-        raise UpstreamError(
-            f"replica answered {response.status_code}",
-            status=response.status_code,
-            body=response.content[:MAX_ERROR_BODY],
-        )
-    return response
+    content = json.dumps(body).encode()
+    json_headers = {"Content-Type": "application/json", **headers}
+    return await send_raw(client, "POST", url, content, json_headers, timeout_s)
 
 
 async def send_raw(
@@ -134,7 +121,8 @@ async def send_raw(
     headers: dict[str, str],
     timeout_s: float,
 ) -> httpx.Response:
-    """`post_json` for a body forwarded as it came (any method and content type)."""
+    """One non-streamed call with any method and body; returns 2xx and non-retryable
+    answers, raises `UpstreamError` otherwise."""
     try:
         async with asyncio.timeout(timeout_s):
             response = await client.request(method, url, content=content, headers=headers)

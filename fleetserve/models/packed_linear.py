@@ -64,16 +64,16 @@ def pack_linears(model: nn.Module) -> int:
     embedding (``model.lm_head is None``) into a packed ``lm_head`` (a copy: the embedding
     lookup keeps the original). Frees each float weight as it goes. Returns the number of
     modules packed; 0 (and the model unchanged) on CUDA, in float16 or without oneDNN."""
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and can_pack(m.weight)
+    # Names only: holding the modules would keep every float weight alive until the end,
+    # doubling the peak memory of a large model.
+    names = [
+        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and can_pack(m.weight)
     ]
-    for name, linear in targets:
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear.from_linear(linear))
-    packed = len(targets)
+        setattr(parent, child, PackedLinear.from_linear(getattr(parent, child)))
+    packed = len(names)
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if getattr(model, "lm_head", 0) is None and embedding is not None:
         if can_pack(embedding.weight):

@@ -73,7 +73,7 @@ def build_specs(args: argparse.Namespace):
 
     from fleetserve.bench.cli import build_spec
     from fleetserve.fleet.autoscaler import AutoscalerConfig
-    from fleetserve.fleet.controller import AutoscalingSettings
+    from fleetserve.fleet.scaling import AutoscalingSettings
     from fleetserve.gateway.config import GatewayConfig
     from fleetserve.perf.cost_model import CostModel
     from fleetserve.sim.fleet import Failure

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fleetserve.fleet.autoscaler import Autoscaler, FleetSnapshot, ReplicaSample
-from fleetserve.fleet.controller import policy_state
+from fleetserve.fleet.scaling import policy_state
 from fleetserve.gateway.replica import Replica
 from fleetserve.sim.events import EventLoop
 from fleetserve.sim.gateway import SimGateway

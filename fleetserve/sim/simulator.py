@@ -22,7 +22,7 @@ from fleetserve.bench.benchmark import make_plan
 from fleetserve.bench.config import BenchSpec
 from fleetserve.bench.report import build_report, config_record
 from fleetserve.bench.tokenizer import TextSource
-from fleetserve.fleet.controller import AutoscalingSettings
+from fleetserve.fleet.scaling import AutoscalingSettings
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.perf.cost_model import CostModel
 from fleetserve.sim.client import SimClient
