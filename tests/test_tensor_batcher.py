@@ -29,6 +29,18 @@ def test_a_free_worker_takes_what_waits_with_no_delay():
     assert len(q) == 0 and q.num_rows == 0
 
 
+def test_ties_in_arrival_keep_the_order_of_submission_in_each_queue():
+    made_first, made_second = req(name="b"), req(name="a")  # same priority and arrival
+    q = BatchQueue(BatchConfig(max_batch_size=4))
+    q.submit(made_second)
+    q.submit(made_first)
+    assert names(q.next_batch(0.0)) == ["a", "b"]
+    other = BatchQueue(BatchConfig(max_batch_size=4))
+    other.submit(req(name="c"))
+    assert [r.seq for r in (made_second, made_first)] == [0, 1]
+    assert other.next_batch(0.0)[0].seq == 0  # each queue counts its own
+
+
 def test_batches_fill_to_max_rows_without_splitting_a_request():
     q = BatchQueue(BatchConfig(max_batch_size=4))
     for name, rows in (("a", 2), ("b", 1), ("c", 2), ("d", 1)):
