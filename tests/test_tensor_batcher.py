@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from fleetserve.tensor.batcher import BatchConfig, BatchQueue, Pending, QueueFull, TooLarge
-from fleetserve.tensor.workers import ModelRefused, QueueTimeout, Workers
+from fleetserve.tensor.workers import ModelRefused, QueueTimeout, WorkerError, Workers
 
 
 def req(rows=1, key="k", at=0.0, priority=0, timeout=10.0, name=None) -> Pending:
@@ -27,6 +27,18 @@ def test_a_free_worker_takes_what_waits_with_no_delay():
     q.submit(req(rows=2, name="b"))
     assert names(q.next_batch(0.0)) == ["a", "b"]
     assert len(q) == 0 and q.num_rows == 0
+
+
+def test_ties_in_arrival_keep_the_order_of_submission_in_each_queue():
+    made_first, made_second = req(name="b"), req(name="a")  # same priority and arrival
+    q = BatchQueue(BatchConfig(max_batch_size=4))
+    q.submit(made_second)
+    q.submit(made_first)
+    assert names(q.next_batch(0.0)) == ["a", "b"]
+    other = BatchQueue(BatchConfig(max_batch_size=4))
+    other.submit(req(name="c"))
+    assert [r.seq for r in (made_second, made_first)] == [0, 1]
+    assert other.next_batch(0.0)[0].seq == 0  # each queue counts its own
 
 
 def test_batches_fill_to_max_rows_without_splitting_a_request():
@@ -181,3 +193,32 @@ def test_a_request_waiting_past_its_deadline_gets_queue_timeout():
     finally:
         workers.stop()
     assert handler.batches == [[1]]
+
+
+class ShortHandler:
+    """Doubles each row, but its first batch gets one output too few: the worker's own check
+    fails after `predict` returned, outside the model's errors."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def predict(self, rows: list) -> list:
+        self.calls += 1
+        outputs = [2 * r for r in rows]
+        return outputs[:-1] if self.calls == 1 else outputs
+
+
+def test_a_worker_failing_outside_the_model_fails_its_batch_and_serves_the_next():
+    workers = Workers(ShortHandler(), BatchConfig(max_batch_size=8))
+    workers.start()
+
+    async def main():
+        with pytest.raises(WorkerError):  # wait_for only guards against a hang
+            await asyncio.wait_for(workers.infer([1, 2], "k"), 30)
+        return await asyncio.wait_for(workers.infer([3], "k"), 30)
+
+    try:
+        assert asyncio.run(main()) == [6]
+        assert workers.alive()
+    finally:
+        workers.stop()

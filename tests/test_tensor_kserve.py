@@ -94,3 +94,46 @@ def test_response_json_or_binary_as_asked_and_unknown_outputs_refused():
     assert body[n:] == struct.pack("<I", 3) + b"pos"
     with pytest.raises(BadInput, match="unknown output 'z'"):
         encode_response("m", {"outputs": [{"name": "z"}]}, outputs)
+
+
+@pytest.mark.parametrize(
+    ("shape", "datatype", "says"),
+    [
+        ([2**32, 2**32], "FP32", "can hold"),  # np.prod wraps this to 0
+        ([2**62, 4], "INT8", "can hold"),
+        ([10**6], "BYTES", "can hold"),
+    ],
+)
+def test_a_shape_larger_than_the_body_could_hold_is_refused(shape, datatype, says):
+    body = json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": datatype, "data": []}]})
+    with pytest.raises(BadInput, match=says):
+        decode_request(body.encode(), None)
+    binary = {"name": "x", "shape": shape, "datatype": datatype,
+              "parameters": {"binary_data_size": 0}}  # fmt: skip
+    body, length = binary_body({"inputs": [binary]})
+    with pytest.raises(BadInput, match=says):
+        decode_request(body, length)
+
+
+def test_a_header_length_of_non_ascii_digits_is_refused():
+    body, _ = binary_body(
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}
+    )
+    for length in ("²", "١٢", "⁵"):  # str.isdigit() is true for each, int() refuses them
+        with pytest.raises(BadInput, match="does not fit"):
+            decode_request(body, length)
+
+
+def test_json_nested_too_deep_is_refused():
+    data = "[" * 100_000 + "1" + "]" * 100_000
+    body = '{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ' + data + "}]}"
+    with pytest.raises(BadInput, match="not JSON"):
+        decode_request(body.encode(), None)
+
+
+@pytest.mark.parametrize("parameters", [[1], "binary", 3])
+def test_output_parameters_that_are_not_an_object_are_refused(parameters):
+    outputs = {"x": np.array([1.0], dtype=np.float32)}
+    request = {"outputs": [{"name": "x", "parameters": parameters}]}
+    with pytest.raises(BadInput, match="parameters"):
+        encode_response("m", request, outputs)

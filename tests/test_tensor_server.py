@@ -4,8 +4,11 @@ clients (tritonclient.http, the openai SDK), schemathesis, and bad inputs."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
+import json
+import logging
 import subprocess
 import sys
 
@@ -16,6 +19,7 @@ import torch
 from gateway_harness import ThreadServer, wait_until
 from tensor_models import build_bert, tiny_net
 
+from fleetserve.tensor import kserve
 from fleetserve.tensor.app import build_app
 from fleetserve.tensor.batcher import BatchConfig
 from fleetserve.tensor.handlers import TensorHandler
@@ -462,3 +466,58 @@ def test_full_queue_gets_429_with_retry_after_and_the_rest_are_served():
 
 def server_state(server: ThreadServer):
     return server.server.config.app.state.server
+
+
+ONE_ROW = [{"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": [0] * 4}]
+HUGE = [{"name": "input__0", "shape": [2**32, 2**32], "datatype": "FP32", "data": []}]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "says"),
+    [
+        ({"inputs": HUGE}, {}, "can hold"),  # np.prod wrapped the count to 0
+        ({"inputs": ONE_ROW}, {"Inference-Header-Content-Length": b"\xb2"}, "does not fit"),
+        ('{"inputs": [' * 50_000, {}, "not JSON"),  # RecursionError in json.loads
+        ({"inputs": ONE_ROW, "outputs": [{"name": "output__0", "parameters": [1]}]}, {}, "param"),
+    ],
+)
+def test_v2_bodies_that_broke_the_decoder_get_a_400(tensor_server, body, headers, says):
+    server, _ = tensor_server
+    content = body if isinstance(body, str) else json.dumps(body)
+    resp = httpx.post(server.url + "/v2/models/tiny-net/infer", content=content, headers=headers)
+    assert resp.status_code == 400, resp.text
+    assert says in resp.json()["error"]
+
+
+def test_a_decoder_failure_nobody_foresaw_is_a_400_and_logged(tensor_server, monkeypatch, caplog):
+    def broken(body, header_length):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(kserve, "decode_request", broken)
+    server, _ = tensor_server
+    body = {"inputs": ONE_ROW}
+    with caplog.at_level(logging.ERROR, logger="fleetserve.tensor.v2_api"):
+        resp = httpx.post(server.url + "/v2/models/tiny-net/infer", json=body)
+    assert resp.status_code == 400, resp.text
+    assert "IndexError: list index out of range" in resp.json()["error"]
+    assert any(r.exc_info and r.exc_info[0] is IndexError for r in caplog.records)
+
+
+def test_v2_bodies_are_decoded_off_the_event_loop(tensor_server, monkeypatch):
+    """A large body takes the decoder a while (0.29 s for 3.8 MB); on the loop it would stall
+    every other request, health probes included."""
+    decode, on_loop = kserve.decode_request, []
+
+    def spy(body, header_length):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop runs in this thread
+            on_loop.append(False)
+        return decode(body, header_length)
+
+    monkeypatch.setattr(kserve, "decode_request", spy)
+    server, _ = tensor_server
+    resp = httpx.post(server.url + "/v2/models/tiny-net/infer", json={"inputs": ONE_ROW})
+    assert resp.status_code == 200, resp.text
+    assert on_loop == [False]

@@ -73,12 +73,10 @@ class TooLarge(Exception):
     """The request has more rows than any batch may hold (HTTP 400)."""
 
 
-_order = itertools.count()
-
-
 @dataclass(eq=False)
 class Pending:
-    """One request waiting in the queue. `payload` is the caller's (rows, a future)."""
+    """One request waiting in the queue. `payload` is the caller's (rows, a future); `seq`
+    is its place in the order of submission to its queue, set by `BatchQueue.submit`."""
 
     num_rows: int
     key: Hashable
@@ -86,7 +84,7 @@ class Pending:
     deadline: float
     priority: int = 0
     payload: Any = None
-    seq: int = field(default_factory=lambda: next(_order))  # ties in arrival keep FIFO
+    seq: int = field(default=0, init=False)  # ties in arrival keep FIFO
 
     def __post_init__(self) -> None:
         if self.num_rows < 1:
@@ -103,6 +101,7 @@ class BatchQueue:
         self.config = config
         self._waiting: list[Pending] = []
         self.num_rows = 0  # rows waiting
+        self._order = itertools.count()
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -114,6 +113,7 @@ class BatchQueue:
             raise TooLarge(f"{request.num_rows} inputs in one request, more than {limit}")
         if self.num_rows + request.num_rows > self.config.max_queue_rows:
             raise QueueFull(f"{self.num_rows} of {self.config.max_queue_rows} rows waiting")
+        request.seq = next(self._order)
         self._waiting.append(request)
         self.num_rows += request.num_rows
 

@@ -31,7 +31,8 @@ async def infer(
     priority: int = 0,
 ) -> tuple[T, list]:
     """(`to_answer(outputs)`, the rows). `to_rows()` runs on a thread (it may
-    tokenize); a `BadInput` from either is a 400 naming the problem."""
+    tokenize); a `BadInput` from either is a 400 naming the problem. Every request is counted
+    once in `finished`, under the way it ended (a client that left is "cancelled")."""
     state.check_ready()
     if priority and not state.settings.allow_client_priority:
         raise invalid(
@@ -41,12 +42,17 @@ async def infer(
     arrival = time.monotonic()
     metrics, name = state.metrics, state.metrics.model_name
     state.enter()
-    reason = "ok"
+    reason = "error"  # unless it ends one of the ways below
     try:
         rows = await asyncio.to_thread(to_rows)
         key = state.handler.key(rows)
         outputs = await state.workers.infer(rows, key, priority)
-        return await asyncio.to_thread(to_answer, outputs), rows
+        answer = await asyncio.to_thread(to_answer, outputs)
+        reason = "ok"
+        return answer, rows
+    except asyncio.CancelledError:  # the client left
+        reason = "cancelled"
+        raise
     except (BadInput, ModelRefused, TooLarge) as exc:
         reason = "bad_input"
         raise APIError(400, str(exc), code="invalid_value") from None

@@ -11,6 +11,7 @@ sets `binary_data_output: true`.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -24,14 +25,16 @@ HEADER_LENGTH = "inference-header-content-length"
 def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[str, np.ndarray]]:
     """(the JSON header, input name -> array) of an infer request body."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        # isdigit() alone accepts digits such as '²' that int() refuses
+        digits = header_length.isascii() and header_length.isdigit()
+        if not digits or int(header_length) > len(body):
             raise BadInput(f"Inference-Header-Content-Length {header_length!r} does not fit")
         json_part, binary = body[: int(header_length)], body[int(header_length) :]
     else:
         json_part, binary = body, b""
     try:
         header = json.loads(json_part)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # too deeply nested
         raise BadInput(f"the body is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise BadInput("the body must be a JSON object with 'inputs'")
@@ -41,7 +44,7 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[s
     tensors: dict[str, np.ndarray] = {}
     offset = 0
     for item in inputs:
-        array, used = _decode_input(item, binary, offset)
+        array, used = _decode_input(item, binary, offset, len(body))
         offset += used
         tensors[item["name"]] = array
     if offset != len(binary):
@@ -49,7 +52,10 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[s
     return header, tensors
 
 
-def _decode_input(item: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
+def _decode_input(item: Any, binary: bytes, offset: int, body_size: int) -> tuple[np.ndarray, int]:
+    """(the array, binary bytes used) of one input. Every element takes at least one byte of
+    the body (a JSON number or string, or a binary value), so a shape with more elements than
+    the body has bytes is refused before anything is allocated or reshaped."""
     if not isinstance(item, dict):
         raise BadInput("each input must be an object with name, shape, datatype and data")
     name, shape, datatype = item.get("name"), item.get("shape"), item.get("datatype")
@@ -61,7 +67,12 @@ def _decode_input(item: Any, binary: bytes, offset: int) -> tuple[np.ndarray, in
         raise BadInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
     if datatype not in V2_TO_NUMPY:
         raise BadInput(f"input {name!r}: unknown datatype {datatype!r}; one of {list(V2_TO_NUMPY)}")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python ints: np.prod wraps [2**32, 2**32] to 0
+    if count > body_size:
+        raise BadInput(
+            f"input {name!r}: shape {shape} has {count} elements, more than a body of "
+            f"{body_size} bytes can hold"
+        )
     params = item.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
@@ -155,6 +166,8 @@ def encode_response(
             if name not in outputs:
                 raise BadInput(f"unknown output {name!r}; this model has {sorted(outputs)}")
             spec_params = spec.get("parameters") or {}
+            if not isinstance(spec_params, dict):
+                raise BadInput(f"output {name!r}: 'parameters' must be an object")
             binary = spec_params.get("binary_data", binary_default)
             selected.append((name, bool(binary)))
     else:

@@ -49,7 +49,7 @@ class TensorMetrics:
         )
         self.finished = Counter(
             PREFIX + "request_success",
-            "Requests finished, by outcome: ok, bad_input, queue_full, timeout, error.",
+            "Requests finished, by outcome: ok, bad_input, queue_full, timeout, cancelled, error.",
             labels + ["finished_reason"],
             registry=self.registry,
         )

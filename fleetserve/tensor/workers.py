@@ -10,7 +10,9 @@ Deadlines are checked whenever a worker looks for work: with every worker busy, 
 past its deadline leaves when the first of them is done.
 
 A batch that the model refuses (a shape it cannot take, say) is run again one request at a
-time, so that one bad request fails alone and never takes its batch-mates with it.
+time, so that one bad request fails alone and never takes its batch-mates with it. Anything
+else that goes wrong while a batch runs (a bug) fails every request of the batch still
+unanswered, and the worker goes on with the next batch.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class QueueTimeout(Exception):
 
 class ModelRefused(Exception):
     """The model raised on this request's input alone (HTTP 400)."""
+
+
+class WorkerError(Exception):
+    """The worker failed on this request's batch outside the model: a bug (HTTP 500)."""
 
 
 class Workers:
@@ -135,7 +141,11 @@ class Workers:
                 return
             try:
                 self._run(batch)
-            finally:
+            except Exception:
+                logger.exception("a model worker failed outside the model on a batch")
+            finally:  # no future is left waiting forever; those already settled stay so
+                for request in batch:
+                    _fail(request, WorkerError("the server failed on this batch (see its log)"))
                 with self._cond:
                     del self._running[index]
 
