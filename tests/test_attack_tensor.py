@@ -194,3 +194,10 @@ def test_a_queue_delay_and_timeout_too_long_to_wait_are_refused_or_served(delay_
         assert workers.alive()
     finally:
         workers.stop()
+
+
+def test_a_nan_drain_timeout_is_refused():
+    """`--drain-timeout nan` passed `drain_timeout < 0`; SIGTERM's wait_for(idle, nan) then
+    times out at once and the requests in flight are cut instead of drained."""
+    with pytest.raises(ValueError, match="drain_timeout"):
+        TensorSettings(model="m", served_model_name="m", drain_timeout=math.nan)
