@@ -3,6 +3,10 @@ it was written."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+import time
+
 import httpx
 import pytest
 from gateway_harness import FAST_GATEWAY, ThreadServer, wait_until
@@ -10,6 +14,7 @@ from tensor_models import tiny_net
 
 from fleetserve.gateway.api_keys import with_operator_key
 from fleetserve.gateway.app import create_app
+from fleetserve.gateway.circuit_breaker import BreakerState
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.replica import ReplicaKind
@@ -20,6 +25,7 @@ from fleetserve.tensor.state import TensorSettings
 from fleetserve.testing.fake_replica import ByteTokenizer
 
 OPERATOR_KEY = "operator-key"
+ROW = {"inputs": [[0.0, 0.0, 0.0, 0.0]]}
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +67,73 @@ def test_metadata_of_a_model_named_ready_is_its_metadata(gateway_to_model_named_
     through = httpx.get(front + "/v2/models/ready")
     assert through.status_code == 200, through.text
     assert through.json() == direct.json()
+
+
+class GatedNet(TensorHandler):
+    """tiny_net whose every batch waits for `gate`: a replica as busy as a test wants."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__(tiny_net())
+        self.gate = gate
+
+    def predict(self, rows):
+        self.gate.wait(30)
+        return super().predict(rows)
+
+
+def test_replicas_that_time_requests_out_under_load_are_busy_not_broken():
+    """A tensor replica answers a request that waited past its queue timeout with 503
+    `queue_timeout` and Retry-After: it is busy, not broken. The gateway counted each as the
+    replica's failure: it retried it on the other (as busy) replica, opened the circuit
+    breakers of both healthy replicas and answered 502 "every replica tried failed" with no
+    Retry-After. Busy should read like a full queue (429): passed on with Retry-After and
+    neutral for the breaker."""
+    gate = threading.Event()
+    replicas = []
+    for _ in range(2):
+        settings = TensorSettings(
+            model="m",
+            served_model_name="m",
+            operator_key=OPERATOR_KEY,
+            batch=BatchConfig(max_batch_size=1, timeout_s=0.2),
+        )
+        app = build_app(settings, handler_factory=lambda _: GatedNet(gate))
+        replicas.append((ThreadServer(app).start(), app))
+    gw = Gateway(
+        GatewayConfig(**{**FAST_GATEWAY, "breaker_cooldown_s": 30.0}),
+        with_operator_key(None, "gateway-operator"),
+        ByteTokenizer(),
+        upstream_api_key=OPERATOR_KEY,
+    )
+    for server, _ in replicas:
+        gw.add_replica(server.url, ReplicaKind.FLEETSERVE)
+    front = ThreadServer(create_app(gw)).start()
+    try:
+        wait_until(lambda: all(r.ready for r in gw.replicas.values()), 30, what="replicas ready")
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = [
+                pool.submit(httpx.post, front.url + "/predict", json=ROW, timeout=60)
+                for _ in range(12)
+            ]
+
+            def waiting() -> int:
+                return sum(app.state.server.workers.load()[1] for _, app in replicas)
+
+            wait_until(lambda: waiting() >= 4, 30, 0.01, "requests queued on the replicas")
+            queued_at = time.monotonic()
+            wait_until(lambda: time.monotonic() > queued_at + 0.3, 5, 0.01, "their timeout")
+            gate.set()
+            resps = [a.result() for a in answers]
+        statuses = sorted(r.status_code for r in resps)
+        assert 200 in statuses, statuses
+        refused = [r for r in resps if r.status_code != 200]
+        assert refused, statuses  # some waited past the replicas' queue timeout
+        assert all(r.status_code in (429, 503) for r in refused), statuses
+        assert all("retry-after" in r.headers for r in refused), [r.text for r in refused]
+        now = gw.clock()
+        assert [r.breaker.state(now) for r in gw.replicas.values()] == [BreakerState.CLOSED] * 2
+    finally:
+        gate.set()
+        front.stop()
+        for server, _ in replicas:
+            server.stop()
