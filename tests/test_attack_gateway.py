@@ -4,6 +4,7 @@ it was written."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import threading
 import time
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 from gateway_harness import FAST_GATEWAY, ThreadServer, wait_until
 from tensor_models import tiny_net
+from test_attack_tensor import raw_post
 
 from fleetserve.gateway.api_keys import with_operator_key
 from fleetserve.gateway.app import create_app
@@ -137,3 +139,25 @@ def test_replicas_that_time_requests_out_under_load_are_busy_not_broken():
         front.stop()
         for server, _ in replicas:
             server.stop()
+
+
+@pytest.mark.parametrize(
+    "path, header",
+    [
+        ("/v2/models/ready/infer", b"Inference-Header-Content-Length: \xb2"),
+        ("/predict", b"Content-Type: \xe9t\xe9"),
+    ],
+    ids=["header-length", "content-type"],
+)
+def test_a_forwarded_header_with_a_non_ascii_byte_is_a_4xx(
+    gateway_to_model_named_ready, path, header
+):
+    """The gateway passes Content-Type and Inference-Header-Content-Length on as they came;
+    a latin-1 byte in them (legal on the wire) made httpx raise UnicodeEncodeError, and the
+    client got a bare text/plain 500 from uvicorn."""
+    front, _ = gateway_to_model_named_ready
+    body = json.dumps({"inputs": [[0.0, 0.0, 0.0, 0.0]]}).encode()
+    answer = raw_post(front, path, body, header)
+    status = int(answer.split(b" ", 2)[1])
+    assert 400 <= status < 500, answer[:300]
+    assert httpx.post(front + "/predict", json=ROW).status_code == 200
