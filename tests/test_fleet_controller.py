@@ -342,6 +342,12 @@ def test_serve_runs_a_fleet_for_several_replicas_or_an_autoscaler():
     [
         (["serve", "m.gguf", "--replicas", "5", "--max-replicas", "4"], "outside"),
         (["serve", "m.gguf", "--replicas", "0"], "--replicas must be >= 1"),
+        (["serve", "m.gguf", "--replicas", "2", "--drain-timeout", "nan"], "--drain-timeout"),
+        (["gateway", "--backend", "local", "--drain-timeout", "nan"], "--drain-timeout"),
+        (
+            ["gateway", "--backend", "local", "--max-replicas", "2", "--max-scale-up-rate", "inf"],
+            "finite",
+        ),  # fmt: skip
         (["serve", "m.gguf", "--min-replicas", "3", "--max-replicas", "2"], "min_replicas"),
         (["serve", "m.gguf", "--max-replicas", "2", "--scale-down-delay", "-1"], ">= 0"),
         (["gateway"], "give one of --replica URL"),

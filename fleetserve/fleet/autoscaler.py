@@ -107,12 +107,15 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from fleetserve.registry import Registry
 
 logger = logging.getLogger(__name__)
 
+# Below it, load / target overflows a float (ceil(inf)); no fleet wants a replica per
+# hundredth of a request.
+MIN_TARGET_CONCURRENCY = 0.01
 COLD_STARTS_KEPT = 5  # the cooldown follows the slowest of the last few loads, not all time's
 
 
@@ -172,14 +175,18 @@ class AutoscalerConfig:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"AutoscalerConfig.{name} = {getattr(self, name)!r}: {why}")
 
+        for f in fields(self):  # inf makes a decision infinite (OverflowError in ceil)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f.name, "must be a finite number")
         if self.min_replicas < 0:
             fail("min_replicas", "must be >= 0 (0 allows scale to zero)")
         if self.max_replicas < 1:
             fail("max_replicas", "must be >= 1")
         if self.max_replicas < self.min_replicas:
             fail("max_replicas", f"must be >= min_replicas ({self.min_replicas})")
-        if not self.target_concurrency > 0:
-            fail("target_concurrency", "must be > 0 requests per replica")
+        if not self.target_concurrency >= MIN_TARGET_CONCURRENCY:
+            fail("target_concurrency", f">= {MIN_TARGET_CONCURRENCY} requests per replica")
         if not self.stable_window_s > 0:
             fail("stable_window_s", "must be > 0 seconds")
         if not 0 < self.panic_window_fraction <= 1:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -70,13 +71,12 @@ class DiscoveryTarget:
         return cls(namespace, service, port_name or DEFAULT_PORT_NAME)
 
 
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
 def _dns_label(value: str) -> bool:
-    return (
-        0 < len(value) <= 63
-        and value[0].isalnum()
-        and value[-1].isalnum()
-        and all(c.islower() or c.isdigit() or c == "-" for c in value)
-    )
+    """A Kubernetes name (RFC 1123 label): ASCII lowercase letters, digits and '-'."""
+    return _DNS_LABEL.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)

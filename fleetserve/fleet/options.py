@@ -178,7 +178,11 @@ def _check_type(key: str, value: Any) -> None:
     """A config file's value must have the flag's type (YAML gives strings, bools, ...)."""
     if key in ("ttft_p90_slo_s", "itl_p90_slo_s") and value is None:
         return
-    kind = next(k for name, k, _ in AUTOSCALING_FLAGS.values() if name == key)
+    kinds = {name: k for name, k, _ in AUTOSCALING_FLAGS.values()}
+    kinds.update({f.name: f.type for f in dataclasses.fields(AutoscalerConfig)})
+    kind = kinds[key]
+    if isinstance(kind, str):  # a dataclass field's annotation, as text
+        kind = {"int": int, "float": float, "str": str}.get(kind, float)
     if kind is str:
         ok = isinstance(value, str)
     elif kind is int:

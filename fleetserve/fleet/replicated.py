@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -274,6 +275,9 @@ def run_replicated(args: argparse.Namespace) -> int:
         backend_options = backend_options_from_args(args)
     except (ValueError, TypeError, OSError) as exc:
         return _usage_error(args, str(exc))
+    drain_s = float(options["drain_timeout"])
+    if not (drain_s >= 0 and math.isfinite(drain_s)):
+        return _usage_error(args, f"--drain-timeout must be a number >= 0, got {drain_s}")
     plan = FleetPlan(
         options=options,
         config=config,
@@ -282,7 +286,7 @@ def run_replicated(args: argparse.Namespace) -> int:
         autoscaling=autoscaling,
         host=options["host"],
         port=options["port"],
-        drain_s=float(options["drain_timeout"]),
+        drain_s=drain_s,
         limits=HttpLimits.from_options(options),  # the public door: the serve limits
         max_failures=max_failures,
         log_level=getattr(args, "log_level", "INFO"),

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import socket
 
@@ -123,6 +124,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
     quiet_http_client_logs()
+    if not (args.drain_timeout >= 0 and math.isfinite(args.drain_timeout)):
+        parser.error(f"--drain-timeout must be a number >= 0, got {args.drain_timeout}")
     sources = sum((bool(args.replica), args.backend is not None, args.discover is not None))
     if sources != 1:
         parser.error(

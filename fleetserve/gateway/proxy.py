@@ -303,7 +303,7 @@ def _failure_response(
             media_type="application/json",
             headers={"X-Request-Id": ctx.request_id},
         )
-    if exc.status == 429:  # every replica tried has a full queue: the client may come back
+    if exc.busy:  # every replica tried is busy: the client may come back
         return too_many("replicas_busy", 1.0).response(ctx.request_id)
     return HttpError(502, f"every replica tried failed; last: {exc}", "upstream_error").response(
         ctx.request_id
@@ -433,6 +433,10 @@ async def handle_passthrough(
     try:
         key = authenticate(gw, request)
         deadline = parse_deadline(request, gw, now)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_ON}
+        for name, value in headers.items():
+            if not value.isascii():  # legal on the wire, but it cannot be sent on
+                raise HttpError(400, f"header {name} must be ASCII", "invalid_request_error")
         content = await read_body(request, gw.config.max_body_bytes) if method == "POST" else b""
     except HttpError as err:
         gw.metrics.requests.labels(endpoint, str(err.status)).inc()
@@ -441,7 +445,6 @@ async def handle_passthrough(
     if refused is not None:
         gw.metrics.requests.labels(endpoint, "429").inc()
         return refused.response(request_id)
-    headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_ON}
     ctx = RequestContext(
         endpoint=endpoint,
         chat=False,

@@ -326,7 +326,7 @@ def failure_status(exc: BaseException) -> str:
     if isinstance(exc, DeadlineExceeded):
         return "504"
     if isinstance(exc, UpstreamError):
-        if exc.status == 429:
+        if exc.busy:
             return "429"
         return str(exc.status) if exc.status and not exc.retryable else "502"
     return "499"

@@ -29,10 +29,17 @@ class UpstreamError(Exception):
         self.reason = "stall" if isinstance(self, UpstreamStall) else "error"
 
     @property
+    def busy(self) -> bool:
+        """The replica refused for load (alive, not broken): a full queue (429), or a request
+        that waited past the replica's own queue timeout (503 `queue_timeout`, a tensor
+        replica's batcher)."""
+        return self.status == 429 or (self.status == 503 and b'"queue_timeout"' in self.body)
+
+    @property
     def replica_failed(self) -> bool:
-        """Counts against the replica's circuit breaker: a retryable error, except a full
-        queue (429), which says the replica is busy, not broken."""
-        return self.retryable and self.status != 429
+        """Counts against the replica's circuit breaker: a retryable error, unless the
+        replica is only busy."""
+        return self.retryable and not self.busy
 
 
 class UpstreamStall(UpstreamError):

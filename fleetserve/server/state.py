@@ -7,6 +7,7 @@ import asyncio
 import enum
 import hmac
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -75,8 +76,8 @@ class ServerSettings:
             )
         if self.api_key is not None and self.api_key == self.operator_key:
             raise ValueError("operator_key must differ from api_key: clients would be operators")
-        if self.drain_timeout < 0:
-            raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if not (self.drain_timeout >= 0 and math.isfinite(self.drain_timeout)):
+            raise ValueError(f"drain_timeout must be a number >= 0, got {self.drain_timeout}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if not self.health_timeout > 0:

@@ -43,6 +43,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_WAIT_S = 30 * 24 * 3600.0  # a month: any longer wait is a mistake, not a setting
+
 
 @dataclass(frozen=True)
 class BatchConfig:
@@ -54,15 +56,19 @@ class BatchConfig:
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_queue_delay_s < 0:
-            raise ValueError(f"max_queue_delay must be >= 0, got {self.max_queue_delay_s}")
+        # A worker waits on a threading.Condition: past TIMEOUT_MAX (or inf) its wait raises
+        # OverflowError and the worker thread dies with its batch unanswered.
+        if not 0 <= self.max_queue_delay_s <= MAX_WAIT_S:
+            raise ValueError(
+                f"max_queue_delay must be within 0..{MAX_WAIT_S:g} s, got {self.max_queue_delay_s}"
+            )
         if self.max_queue_rows < self.max_batch_size:
             raise ValueError(
                 f"max_queue_rows ({self.max_queue_rows}) must be >= max_batch_size "
                 f"({self.max_batch_size})"
             )
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+        if not 0 < self.timeout_s <= MAX_WAIT_S:
+            raise ValueError(f"timeout must be within 0..{MAX_WAIT_S:g} s, got {self.timeout_s}")
 
 
 class QueueFull(Exception):

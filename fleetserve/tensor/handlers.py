@@ -245,6 +245,11 @@ class TextHandler(Handler):
         return self.tokenize(texts)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone UTF-16 surrogate ("\ud800") in the JSON
+                raise BadInput("a text holds a lone UTF-16 surrogate: not valid Unicode") from None
         return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
     def key(self, rows: list[list[int]]) -> Hashable:
