@@ -3,7 +3,12 @@ prefill chunks mixed, GQA, several block sizes, partial blocks, prefix sharing i
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from fleetserve.attention.cpu_extension import ExtensionUnavailable, available
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"no kernel: {available()}")
 
+ROOT = Path(__file__).resolve().parent.parent
 MAX_SEQS, MAX_LEN = 6, 80
 
 
@@ -134,3 +140,64 @@ def test_a_failed_build_says_why(monkeypatch, tmp_path):
     with pytest.raises(ExtensionUnavailable, match="false failed"):
         cpu_extension.build()
     assert not list(tmp_path.rglob("*.so"))
+
+
+# Calls the kernel must refuse. Each is run in one child process (a missing check corrupts the
+# heap, which would take pytest down); the child prints one line per call as it goes.
+BAD_CALLS = {
+    "negative_query_start": ("query_start_loc\\[0\\] must be >= 0", "qsl=[-4, 0]"),
+    "decreasing_query_start": (
+        "non-decreasing",
+        "qsl=[0, 3, 1]; lens=[3, 3]; bt=torch.tensor([[1], [2]])",
+    ),
+    "rows_past_q": ("query_start_loc ends at 5", "qsl=[0, 5]; lens=[5]"),
+    "seq_len_below_q_len": ("shorter than its 4 query rows", "lens=[3]"),
+    "seq_len_past_block_table": ("too short", "lens=[9]"),
+    "no_such_sequence": ("no sequence 1", "seqs=[1]"),
+    "block_tables_not_int64": ("block_tables: int64", "bt=bt.int()"),
+    "block_tables_not_cpu": ("", "bt=bt.to('meta')"),
+    "q_not_contiguous": ("contiguous", "q=q.transpose(0, 1).contiguous().transpose(0, 1)"),
+    "out_other_dtype": ("one dtype", "out=out.double()"),
+}
+
+_CHILD = """
+import sys, torch
+from fleetserve.attention import cpu_extension
+cpu_extension.load()
+for name, change in [{calls}]:
+    out, q = torch.zeros(4, 2, 8), torch.randn(4, 2, 8)
+    kv, bt = torch.randn(2, 2, 4, 4, 8), torch.tensor([[1, 2]])
+    qsl, lens, seqs = [0, 4], [4], [0]
+    exec(change)
+    try:
+        torch.ops.fleetserve.paged_attention(out, q, kv, bt, qsl, lens, seqs, 0.125)
+        print(name, "ACCEPTED", flush=True)
+    except RuntimeError as exc:
+        print(name, "refused:", str(exc).replace(chr(10), " "), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def refusals() -> dict[str, str]:
+    """{call name: what the child printed for it}; a call missing is one the child died on."""
+    calls = ", ".join(f"({name!r}, {change!r})" for name, (_, change) in BAD_CALLS.items())
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(calls=calls)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    lines["_exit"] = f"exit {proc.returncode}: {proc.stderr[-500:]}"
+    return lines
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_kernel_refuses_a_bad_call_without_crashing(refusals, name):
+    pattern, _ = BAD_CALLS[name]
+    assert name in refusals, f"the child died before answering: {refusals['_exit']}"
+    assert refusals[name].startswith("refused:"), refusals[name]
+    assert re.search(pattern, refusals[name]), refusals[name]
