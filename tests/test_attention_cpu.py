@@ -135,11 +135,73 @@ def test_kernel_rejects_a_block_id_outside_the_cache():
 
 
 def test_a_failed_build_says_why(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_extension, "BUILD_ROOT", tmp_path)
+    monkeypatch.setenv("FLEETSERVE_BUILD_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
     with pytest.raises(ExtensionUnavailable, match="false failed"):
         cpu_extension.build()
     assert not list(tmp_path.rglob("*.so"))
+
+
+# A stand-in for g++: logs its call, writes its -o file, and exits with FAKE_CXX_EXIT. It then
+# waits (up to 10 s) for a second call to be logged, so that two unlocked builds overlap
+# whatever the machine's speed; under the lock there is no second call and it waits it out.
+FAKE_CXX = """#!{python}
+import os, sys, time
+log = os.environ["FAKE_CXX_LOG"]
+with open(log, "a") as f:
+    f.write("call\\n")
+with open(sys.argv[sys.argv.index("-o") + 1], "w") as f:
+    f.write("not a library")
+deadline = time.monotonic() + float(os.environ.get("FAKE_CXX_WAIT", "0"))
+while time.monotonic() < deadline and len(open(log).readlines()) < 2:
+    time.sleep(0.05)
+sys.exit(int(os.environ.get("FAKE_CXX_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def fake_cxx(monkeypatch, tmp_path) -> Path:
+    """The build dir (under tmp_path) that `build()` uses with the fake compiler; its calls
+    are logged in tmp_path / "calls"."""
+    cxx = tmp_path / "fake-cxx"
+    cxx.write_text(FAKE_CXX.format(python=sys.executable))
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("FAKE_CXX_LOG", str(tmp_path / "calls"))
+    monkeypatch.setenv("FLEETSERVE_BUILD_DIR", str(tmp_path / "build"))
+    return tmp_path / "build"
+
+
+def test_the_build_dir_comes_from_the_environment(fake_cxx):
+    ext = cpu_extension.build()
+    assert ext.path.is_relative_to(fake_cxx) and ext.path.read_text() == "not a library"
+
+
+def test_a_failed_compile_leaves_no_temporary_file(fake_cxx, monkeypatch):
+    monkeypatch.setenv("FAKE_CXX_EXIT", "1")
+    with pytest.raises(ExtensionUnavailable, match="failed"):
+        cpu_extension.build()
+    assert list(fake_cxx.rglob("*.tmp")) == []
+
+
+def test_what_a_killed_compile_left_is_cleared(fake_cxx):
+    folder = fake_cxx / cpu_extension._key(cpu_extension.FLAG_SETS[0])
+    folder.mkdir(parents=True)
+    (folder / "fleetserve_cpu.4242.tmp").write_text("half a library")
+    cpu_extension.build()
+    assert list(folder.glob("*.tmp")) == []
+
+
+def test_replicas_starting_together_compile_once(fake_cxx, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_CXX_WAIT", "10")
+    code = "from fleetserve.attention import cpu_extension; print(cpu_extension.build().path)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", code]
+    children = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE) for _ in range(2)]
+    paths = {child.communicate(timeout=120)[0].decode().strip() for child in children}
+    assert all(child.returncode == 0 for child in children)
+    assert len(paths) == 1
+    assert (tmp_path / "calls").read_text().count("call") == 1
 
 
 # Calls the kernel must refuse. Each is run in one child process (a missing check corrupts the
