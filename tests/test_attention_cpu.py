@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from attention_backends import needs_kernel
 
 from fleetserve.attention import SeqSpec, build_attention_metadata, cpu_extension, get_backend
-from fleetserve.attention.cpu_extension import ExtensionUnavailable, available
-
-pytestmark = pytest.mark.skipif(available() is not None, reason=f"no kernel: {available()}")
+from fleetserve.attention.cpu_extension import ExtensionUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_SEQS, MAX_LEN = 6, 80
@@ -57,6 +56,7 @@ def run_backend(name, q, k, v, cache, meta, scale):
     return out, cache
 
 
+@needs_kernel
 @pytest.mark.parametrize("block_size", [1, 4, 16, 32])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (9, 3)])
 @pytest.mark.parametrize("head_dim", [16, 64])
@@ -92,6 +92,7 @@ def test_matches_torch_backend_fp32(block_size, heads, head_dim):
         torch.testing.assert_close(direct, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
 def test_bf16_cache_is_as_close_as_the_reference():
     """In bf16 both backends round; the kernel (fp32 inside) is no farther from the fp32
     answer than the reference is."""
@@ -114,6 +115,7 @@ def test_bf16_cache_is_as_close_as_the_reference():
     assert got_err < 0.02
 
 
+@needs_kernel
 def test_unsupported_cache_dtype_goes_to_the_reference():
     specs = [SeqSpec(3, 1, [1]), SeqSpec(0, 5, [2])]
     meta = build_attention_metadata(specs, 8)
@@ -124,6 +126,7 @@ def test_unsupported_cache_dtype_goes_to_the_reference():
     torch.testing.assert_close(got, expected)
 
 
+@needs_kernel
 def test_kernel_rejects_a_block_id_outside_the_cache():
     specs = [SeqSpec(3, 1, [1])]
     meta = build_attention_metadata(specs, 4)
@@ -132,6 +135,12 @@ def test_kernel_rejects_a_block_id_outside_the_cache():
     cache = torch.zeros(2, 2, 4, 4, 8)
     with pytest.raises(RuntimeError, match="block id out of range"):
         get_backend("cpu").forward(q, kv, kv, cache, meta, 1.0)
+
+
+@needs_kernel
+def test_the_kernel_loads():
+    """Skips like the kernel's other tests where it cannot build, except under `make test`."""
+    assert cpu_extension.available() is None
 
 
 def test_a_failed_build_says_why(monkeypatch, tmp_path):
@@ -257,9 +266,38 @@ def refusals() -> dict[str, str]:
     return lines
 
 
+@needs_kernel
 @pytest.mark.parametrize("name", list(BAD_CALLS))
 def test_kernel_refuses_a_bad_call_without_crashing(refusals, name):
     pattern, _ = BAD_CALLS[name]
     assert name in refusals, f"the child died before answering: {refusals['_exit']}"
     assert refusals[name].startswith("refused:"), refusals[name]
     assert re.search(pattern, refusals[name]), refusals[name]
+
+
+def no_compiler(tmp_path: Path, **env: str) -> dict[str, str]:
+    """The environment of a child process on a machine where the kernel cannot compile."""
+    clean = {k: v for k, v in os.environ.items() if k != "FLEETSERVE_REQUIRE_TOOLS"}
+    build_dir = str(tmp_path / "build")
+    return {**clean, "CXX": "false", "FLEETSERVE_BUILD_DIR": build_dir, **env}
+
+
+@pytest.mark.parametrize(("require", "outcome"), [("", "1 skipped"), ("1", "1 failed")])
+def test_kernel_tests_fail_under_make_test_where_it_cannot_build(tmp_path, require, outcome):
+    env = no_compiler(tmp_path, FLEETSERVE_REQUIRE_TOOLS=require, PYTHONPATH=str(ROOT))
+    test = "tests/test_attention_cpu.py::test_kernel_rejects_a_block_id_outside_the_cache"
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert outcome in proc.stdout, proc.stdout[-2000:]
+
+
+def test_make_ext_fails_where_the_kernel_cannot_build(tmp_path):
+    stamp = tmp_path / "venv-installed"  # stands for .venv/.installed: nothing gets installed
+    stamp.touch()
+    argv = ["make", "--no-print-directory", "ext", f"STAMP={stamp}", f"PY={sys.executable}"]
+    argv.append(f"EXT_STAMP={tmp_path / 'built'}")
+    env = no_compiler(tmp_path, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout
+    assert "false failed" in proc.stderr
+    assert not (tmp_path / "built").exists()
