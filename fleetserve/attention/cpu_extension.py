@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from fleetserve.cpu import cpu_flags
+
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,18 +55,6 @@ class ExtensionUnavailable(RuntimeError):
 class Extension:
     path: Path
     flags: tuple[str, ...]
-
-
-def cpu_flags() -> str:
-    """The `flags` line of /proc/cpuinfo ("" where there is none, e.g. macOS)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def build_root() -> Path:
