@@ -23,16 +23,16 @@ from pathlib import Path
 import httpx
 from throughput import OUT, smollm2_path
 
+from fleetserve.cpu import cpu_flags
+
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+def notable_flags() -> str:
+    flags = cpu_flags()
+    if not flags:
         return "unknown"
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split())
+    have = set(flags.split())
     return " ".join(f for f in FLAGS if f in have) or "none of " + ",".join(FLAGS)
 
 
@@ -123,7 +123,7 @@ def main() -> None:
     what = url if args.url else f"fleetserve serve ({args.dtype})"
     print(
         f"\n{what}, model {result['model']}: 1 stream, {args.input_len} in / "
-        f"{args.output_len} out, greedy, {args.requests} requests; CPU flags: {cpu_flags()}"
+        f"{args.output_len} out, greedy, {args.requests} requests; CPU flags: {notable_flags()}"
     )
     print(f"TPOT p50 {summary(result['tpot'])}")
     print(f"TTFT p50 {summary(result['ttft'])}")

@@ -191,7 +191,9 @@ void dispatch_head_dim(const at::Tensor& out, const at::Tensor& q, const at::Ten
 void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_cache,
                      const at::Tensor& block_tables, at::IntArrayRef query_start_loc,
                      at::IntArrayRef seq_lens, at::IntArrayRef seqs, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(out.device().is_cpu() && q.device().is_cpu() && kv_cache.device().is_cpu() &&
+                  block_tables.device().is_cpu(),
+              "out, q, kv_cache and block_tables must be CPU tensors");
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out: [num_tokens, H, D]");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.size(4) == q.size(2),
               "kv_cache: [2, H_kv, num_blocks, block_size, D]");
@@ -209,10 +211,19 @@ void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_c
   const std::vector<int64_t> qsl(query_start_loc.begin(), query_start_loc.end());
   const std::vector<int64_t> lens(seq_lens.begin(), seq_lens.end());
   const std::vector<int64_t> todo(seqs.begin(), seqs.end());
+  // Every query row index the tasks compute, qsl[s] + r, must lie in [0, q.size(0)): out and
+  // q are written and read through raw pointers with no other bound.
+  TORCH_CHECK(qsl.front() >= 0, "query_start_loc[0] must be >= 0, got ", qsl.front());
+  for (size_t i = 1; i < qsl.size(); ++i)
+    TORCH_CHECK(qsl[i] >= qsl[i - 1], "query_start_loc must be non-decreasing, got ", qsl[i - 1],
+                " then ", qsl[i], " at ", i);
+  TORCH_CHECK(qsl.back() <= q.size(0), "query_start_loc ends at ", qsl.back(), " but q has ",
+              q.size(0), " rows");
   for (const int64_t s : todo) {
     TORCH_CHECK(s >= 0 && s < static_cast<int64_t>(lens.size()), "no sequence ", s);
     const int64_t q_len = qsl[s + 1] - qsl[s];
-    TORCH_CHECK(q_len >= 0 && lens[s] >= q_len && qsl[s + 1] <= q.size(0), "bad sequence ", s);
+    TORCH_CHECK(lens[s] >= q_len, "seq_lens[", s, "] = ", lens[s], " is shorter than its ", q_len,
+                " query rows");
     const int64_t used = (lens[s] + kv_cache.size(3) - 1) / kv_cache.size(3);
     TORCH_CHECK(used <= block_tables.size(1), "block table of sequence ", s, " is too short");
     const int64_t* row = block_tables.data_ptr<int64_t>() + s * block_tables.stride(0);

@@ -3,16 +3,21 @@ prefill chunks mixed, GQA, several block sizes, partial blocks, prefix sharing i
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from attention_backends import needs_kernel
 
 from fleetserve.attention import SeqSpec, build_attention_metadata, cpu_extension, get_backend
-from fleetserve.attention.cpu_extension import ExtensionUnavailable, available
+from fleetserve.attention.cpu_extension import ExtensionUnavailable
 
-pytestmark = pytest.mark.skipif(available() is not None, reason=f"no kernel: {available()}")
-
+ROOT = Path(__file__).resolve().parent.parent
 MAX_SEQS, MAX_LEN = 6, 80
 
 
@@ -51,6 +56,7 @@ def run_backend(name, q, k, v, cache, meta, scale):
     return out, cache
 
 
+@needs_kernel
 @pytest.mark.parametrize("block_size", [1, 4, 16, 32])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (9, 3)])
 @pytest.mark.parametrize("head_dim", [16, 64])
@@ -86,6 +92,7 @@ def test_matches_torch_backend_fp32(block_size, heads, head_dim):
         torch.testing.assert_close(direct, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
 def test_bf16_cache_is_as_close_as_the_reference():
     """In bf16 both backends round; the kernel (fp32 inside) is no farther from the fp32
     answer than the reference is."""
@@ -108,6 +115,7 @@ def test_bf16_cache_is_as_close_as_the_reference():
     assert got_err < 0.02
 
 
+@needs_kernel
 def test_unsupported_cache_dtype_goes_to_the_reference():
     specs = [SeqSpec(3, 1, [1]), SeqSpec(0, 5, [2])]
     meta = build_attention_metadata(specs, 8)
@@ -118,6 +126,7 @@ def test_unsupported_cache_dtype_goes_to_the_reference():
     torch.testing.assert_close(got, expected)
 
 
+@needs_kernel
 def test_kernel_rejects_a_block_id_outside_the_cache():
     specs = [SeqSpec(3, 1, [1])]
     meta = build_attention_metadata(specs, 4)
@@ -128,9 +137,167 @@ def test_kernel_rejects_a_block_id_outside_the_cache():
         get_backend("cpu").forward(q, kv, kv, cache, meta, 1.0)
 
 
+@needs_kernel
+def test_the_kernel_loads():
+    """Skips like the kernel's other tests where it cannot build, except under `make test`."""
+    assert cpu_extension.available() is None
+
+
 def test_a_failed_build_says_why(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_extension, "BUILD_ROOT", tmp_path)
+    monkeypatch.setenv("FLEETSERVE_BUILD_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
     with pytest.raises(ExtensionUnavailable, match="false failed"):
         cpu_extension.build()
     assert not list(tmp_path.rglob("*.so"))
+
+
+# A stand-in for g++: logs its call, writes its -o file, and exits with FAKE_CXX_EXIT. It then
+# waits (up to 10 s) for a second call to be logged, so that two unlocked builds overlap
+# whatever the machine's speed; under the lock there is no second call and it waits it out.
+FAKE_CXX = """#!{python}
+import os, sys, time
+log = os.environ["FAKE_CXX_LOG"]
+with open(log, "a") as f:
+    f.write("call\\n")
+with open(sys.argv[sys.argv.index("-o") + 1], "w") as f:
+    f.write("not a library")
+deadline = time.monotonic() + float(os.environ.get("FAKE_CXX_WAIT", "0"))
+while time.monotonic() < deadline and len(open(log).readlines()) < 2:
+    time.sleep(0.05)
+sys.exit(int(os.environ.get("FAKE_CXX_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def fake_cxx(monkeypatch, tmp_path) -> Path:
+    """The build dir (under tmp_path) that `build()` uses with the fake compiler; its calls
+    are logged in tmp_path / "calls"."""
+    cxx = tmp_path / "fake-cxx"
+    cxx.write_text(FAKE_CXX.format(python=sys.executable))
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("FAKE_CXX_LOG", str(tmp_path / "calls"))
+    monkeypatch.setenv("FLEETSERVE_BUILD_DIR", str(tmp_path / "build"))
+    return tmp_path / "build"
+
+
+def test_the_build_dir_comes_from_the_environment(fake_cxx):
+    ext = cpu_extension.build()
+    assert ext.path.is_relative_to(fake_cxx) and ext.path.read_text() == "not a library"
+
+
+def test_a_failed_compile_leaves_no_temporary_file(fake_cxx, monkeypatch):
+    monkeypatch.setenv("FAKE_CXX_EXIT", "1")
+    with pytest.raises(ExtensionUnavailable, match="failed"):
+        cpu_extension.build()
+    assert list(fake_cxx.rglob("*.tmp")) == []
+
+
+def test_what_a_killed_compile_left_is_cleared(fake_cxx):
+    folder = fake_cxx / cpu_extension._key(cpu_extension.FLAG_SETS[0])
+    folder.mkdir(parents=True)
+    (folder / "fleetserve_cpu.4242.tmp").write_text("half a library")
+    cpu_extension.build()
+    assert list(folder.glob("*.tmp")) == []
+
+
+def test_replicas_starting_together_compile_once(fake_cxx, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_CXX_WAIT", "10")
+    code = "from fleetserve.attention import cpu_extension; print(cpu_extension.build().path)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", code]
+    children = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE) for _ in range(2)]
+    paths = {child.communicate(timeout=120)[0].decode().strip() for child in children}
+    assert all(child.returncode == 0 for child in children)
+    assert len(paths) == 1
+    assert (tmp_path / "calls").read_text().count("call") == 1
+
+
+# Calls the kernel must refuse. Each is run in one child process (a missing check corrupts the
+# heap, which would take pytest down); the child prints one line per call as it goes.
+BAD_CALLS = {
+    "negative_query_start": ("query_start_loc\\[0\\] must be >= 0", "qsl=[-4, 0]"),
+    "decreasing_query_start": (
+        "non-decreasing",
+        "qsl=[0, 3, 1]; lens=[3, 3]; bt=torch.tensor([[1], [2]])",
+    ),
+    "rows_past_q": ("query_start_loc ends at 5", "qsl=[0, 5]; lens=[5]"),
+    "seq_len_below_q_len": ("shorter than its 4 query rows", "lens=[3]"),
+    "seq_len_past_block_table": ("too short", "lens=[9]"),
+    "no_such_sequence": ("no sequence 1", "seqs=[1]"),
+    "block_tables_not_int64": ("block_tables: int64", "bt=bt.int()"),
+    "block_tables_not_cpu": ("", "bt=bt.to('meta')"),
+    "q_not_contiguous": ("contiguous", "q=q.transpose(0, 1).contiguous().transpose(0, 1)"),
+    "out_other_dtype": ("one dtype", "out=out.double()"),
+}
+
+_CHILD = """
+import sys, torch
+from fleetserve.attention import cpu_extension
+cpu_extension.load()
+for name, change in [{calls}]:
+    out, q = torch.zeros(4, 2, 8), torch.randn(4, 2, 8)
+    kv, bt = torch.randn(2, 2, 4, 4, 8), torch.tensor([[1, 2]])
+    qsl, lens, seqs = [0, 4], [4], [0]
+    exec(change)
+    try:
+        torch.ops.fleetserve.paged_attention(out, q, kv, bt, qsl, lens, seqs, 0.125)
+        print(name, "ACCEPTED", flush=True)
+    except RuntimeError as exc:
+        print(name, "refused:", str(exc).replace(chr(10), " "), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def refusals() -> dict[str, str]:
+    """{call name: what the child printed for it}; a call missing is one the child died on."""
+    calls = ", ".join(f"({name!r}, {change!r})" for name, (_, change) in BAD_CALLS.items())
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(calls=calls)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    lines["_exit"] = f"exit {proc.returncode}: {proc.stderr[-500:]}"
+    return lines
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_kernel_refuses_a_bad_call_without_crashing(refusals, name):
+    pattern, _ = BAD_CALLS[name]
+    assert name in refusals, f"the child died before answering: {refusals['_exit']}"
+    assert refusals[name].startswith("refused:"), refusals[name]
+    assert re.search(pattern, refusals[name]), refusals[name]
+
+
+def no_compiler(tmp_path: Path, **env: str) -> dict[str, str]:
+    """The environment of a child process on a machine where the kernel cannot compile."""
+    clean = {k: v for k, v in os.environ.items() if k != "FLEETSERVE_REQUIRE_TOOLS"}
+    build_dir = str(tmp_path / "build")
+    return {**clean, "CXX": "false", "FLEETSERVE_BUILD_DIR": build_dir, **env}
+
+
+@pytest.mark.parametrize(("require", "outcome"), [("", "1 skipped"), ("1", "1 failed")])
+def test_kernel_tests_fail_under_make_test_where_it_cannot_build(tmp_path, require, outcome):
+    env = no_compiler(tmp_path, FLEETSERVE_REQUIRE_TOOLS=require, PYTHONPATH=str(ROOT))
+    test = "tests/test_attention_cpu.py::test_kernel_rejects_a_block_id_outside_the_cache"
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert outcome in proc.stdout, proc.stdout[-2000:]
+
+
+def test_make_ext_fails_where_the_kernel_cannot_build(tmp_path):
+    stamp = tmp_path / "venv-installed"  # stands for .venv/.installed: nothing gets installed
+    stamp.touch()
+    argv = ["make", "--no-print-directory", "ext", f"STAMP={stamp}", f"PY={sys.executable}"]
+    argv.append(f"EXT_STAMP={tmp_path / 'built'}")
+    env = no_compiler(tmp_path, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout
+    assert "false failed" in proc.stderr
+    assert not (tmp_path / "built").exists()

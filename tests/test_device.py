@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from fleetserve.cpu import cpu_flags, cpu_model
 from fleetserve.engine.device import (
     Capabilities,
     checkpoint_dtype,
@@ -76,3 +79,38 @@ def test_checkpoint_dtype_reads_the_config_alone(tiny_llama, tmp_path):
     assert checkpoint_dtype(str(tiny_llama)) == "float32"
     assert checkpoint_dtype(str(tmp_path / "model.gguf")) == "float32"  # dequantized on load
     assert checkpoint_dtype(str(tmp_path)) is None  # no config.json: load_model says why
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9B14
+flags\t\t: fpu avx2 avx512f avx512_bf16
+
+processor\t: 1
+model name\t: AMD EPYC 9B14
+flags\t\t: fpu avx2
+"""
+
+
+def test_cpu_flags_and_model_are_the_first_processors(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    assert cpu_flags(path) == "fpu avx2 avx512f avx512_bf16"
+    assert cpu_model(path) == "AMD EPYC 9B14"
+
+
+def test_cpu_flags_are_unknown_without_cpuinfo(tmp_path):
+    assert cpu_flags(tmp_path / "missing") == ""
+    assert cpu_model(tmp_path / "missing") is None
+
+
+def test_one_module_reads_cpuinfo():
+    """fleetserve.cpu is the one reader: the kernel's cache key, `--dtype auto` and profiles
+    must agree on what this CPU is."""
+    package = Path(__file__).resolve().parent.parent / "fleetserve"
+    readers = {
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if 'Path("/proc/cpuinfo")' in p.read_text() or 'open("/proc/cpuinfo")' in p.read_text()
+    }
+    assert readers == {"cpu.py"}

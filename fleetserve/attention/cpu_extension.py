@@ -6,29 +6,39 @@ The library is compiled with the machine's own gcc for the machine's own ISA
 (``-march=native``, falling back to a portable build), straight from torch's headers and
 libraries: one translation unit needs no ninja and no setup.py. It is cached under
 ``build/fleetserve-ext/KEY/``, where KEY hashes the sources, the torch version, the compile
-flags and the CPU's flags, so that a machine with another CPU or another torch never loads a
-library built for a different one. Once built, loading it needs no compiler.
+compiler, the compile flags and the CPU's flags, so that a machine with another CPU or
+another torch never loads a library built for a different one. Once built, loading it needs
+no compiler.
+
+``FLEETSERVE_BUILD_DIR`` moves that cache (e.g. to /tmp in a read-only image). Replicas that
+start together share it: each compile holds ``fcntl.flock`` on ``KEY/.lock``, and whoever
+waited for it finds the library built and compiles nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fleetserve.cpu import cpu_flags
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 SOURCES = ("paged_attention.cpp",)
-BUILD_ROOT = ROOT / "build" / "fleetserve-ext"
+DEFAULT_BUILD_ROOT = ROOT / "build" / "fleetserve-ext"
 LIBRARY = "fleetserve_cpu.so"
 # Tried in order: the build machine's own ISA first, then a portable one.
 FLAG_SETS = (
@@ -47,16 +57,14 @@ class Extension:
     flags: tuple[str, ...]
 
 
-def cpu_flags() -> str:
-    """The `flags` line of /proc/cpuinfo ("" where there is none, e.g. macOS)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+def build_root() -> Path:
+    """Where built libraries are cached: $FLEETSERVE_BUILD_DIR, else build/ in the source tree
+    (which an image may not let its user write)."""
+    return Path(os.environ.get("FLEETSERVE_BUILD_DIR") or DEFAULT_BUILD_ROOT)
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
 
 
 def _key(flags: tuple[str, ...]) -> str:
@@ -64,6 +72,7 @@ def _key(flags: tuple[str, ...]) -> str:
     for name in SOURCES:
         h.update((CSRC / name).read_bytes())
     h.update(torch.__version__.encode())
+    h.update(_compiler().encode())
     h.update(" ".join(flags).encode())
     h.update(cpu_flags().encode())
     return h.hexdigest()[:16]
@@ -74,9 +83,9 @@ def _compile(flags: tuple[str, ...], out: Path) -> None:
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     libs = library_paths()
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # replicas starting together build apart
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
     cmd = [
-        os.environ.get("CXX", "g++"),
+        _compiler(),
         *flags,
         "-std=c++17",
         "-fPIC",
@@ -92,10 +101,29 @@ def _compile(flags: tuple[str, ...], out: Path) -> None:
         "-o",
         str(tmp),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise ExtensionUnavailable(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
-    tmp.replace(out)  # atomic: a concurrent loader never sees half a library
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise ExtensionUnavailable(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
+        tmp.replace(out)  # atomic: a loader that takes no lock never sees half a library
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Holds the build lock of `folder`; the kernel drops it if this process dies."""
+    with open(folder / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _compile_alone(flags: tuple[str, ...], out: Path) -> None:
+    """`_compile` under the lock, after clearing what a compile killed midway left behind."""
+    for stale in out.parent.glob("*.tmp"):
+        stale.unlink(missing_ok=True)
+    logger.info("compiling the paged-attention kernel (%s) into %s", " ".join(flags), out)
+    _compile(flags, out)
 
 
 def build() -> Extension:
@@ -104,15 +132,16 @@ def build() -> Extension:
         raise ExtensionUnavailable(f"no C++ sources at {CSRC} (an installed, not a source, copy)")
     errors = []
     for flags in FLAG_SETS:
-        path = BUILD_ROOT / _key(flags) / LIBRARY
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            logger.info("compiling the paged-attention kernel (%s) into %s", " ".join(flags), path)
-            try:
-                _compile(flags, path)
-            except (ExtensionUnavailable, OSError) as exc:
-                errors.append(str(exc))
-                continue
+        path = build_root() / _key(flags) / LIBRARY
+        try:
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with _locked(path.parent):
+                    if not path.is_file():  # else another process built it while we waited
+                        _compile_alone(flags, path)
+        except (ExtensionUnavailable, OSError) as exc:
+            errors.append(str(exc))
+            continue
         return Extension(path, flags)
     raise ExtensionUnavailable("; ".join(errors))
 

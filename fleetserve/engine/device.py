@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from fleetserve.cpu import cpu_flags
+
 CPU_KV_CACHE_SHARE = 0.25  # of available host memory
 CPU_KV_CACHE_MAX = 2 * 2**30
 GPU_KV_CACHE_SHARE = 0.85  # of free device memory after the weights are loaded
@@ -41,8 +43,6 @@ CPU_FP16_FLAGS = ("avx512_fp16", "amx_fp16")
 def capabilities(device: torch.device) -> Capabilities:
     if device.type == "cuda":
         return Capabilities("cuda", cuda_bf16=torch.cuda.is_bf16_supported())
-    from fleetserve.attention.cpu_extension import cpu_flags
-
     return Capabilities("cpu", frozenset(cpu_flags().split()))
 
 

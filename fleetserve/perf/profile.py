@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fleetserve.cpu import cpu_flags, cpu_model
 from fleetserve.engine.core import EngineCore
 from fleetserve.engine.request import EngineCoreRequest
 from fleetserve.engine.runner import RunnerOutput
@@ -172,18 +172,12 @@ def hardware() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "processor": platform.processor() or None,
     }
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            info["cpu_model"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "fma")
-            info["cpu_flags"] = [f for f in wanted if f in flags]
-            break
+    model, flags = cpu_model(), set(cpu_flags().split())
+    if model is not None:
+        info["cpu_model"] = model
+    if flags:
+        wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "fma")
+        info["cpu_flags"] = [f for f in wanted if f in flags]
     return info
 
 
