@@ -9,6 +9,7 @@ import signal
 import socket
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -51,14 +52,16 @@ def serve(
     sock: socket.socket,
     on_ready: Callable[[], None] | None = None,
     log_level: str = "info",
+    app_factory: Callable[..., Any] = build_app,
 ) -> int:
-    """Serve until drained or stopped; returns the process exit code."""
+    """Serve until drained or stopped; returns the process exit code. `app_factory`: the
+    replica's app (the LLM server's, or the tensor server's with its own settings)."""
     server: ReplicaServer | None = None
 
     def request_exit(code: int) -> None:
         server.request_exit(code)
 
-    app = build_app(settings, on_ready=on_ready, request_exit=request_exit)
+    app = app_factory(settings, on_ready=on_ready, request_exit=request_exit)
     config = uvicorn.Config(
         app,
         log_level=log_level.lower(),

@@ -9,12 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from fleetserve.http.sockets import bind
 from fleetserve.http_limits import HttpLimits
 from fleetserve.options import served_name
-from fleetserve.server.runner import GRACEFUL_SHUTDOWN_S, ReplicaServer
+from fleetserve.server.runner import serve as run_replica
 from fleetserve.tensor.batcher import BatchConfig
 from fleetserve.tensor.loading import LoadOptions
 from fleetserve.tensor.state import TensorSettings
@@ -84,23 +82,8 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     log_level: str = "info",
 ) -> int:
-    """Serve until drained or stopped; returns the process exit code."""
+    """Serve until drained or stopped (the LLM replica's runner, this app); returns the
+    process exit code."""
     from fleetserve.tensor.app import build_app
 
-    server: ReplicaServer | None = None
-
-    def request_exit(code: int) -> None:
-        server.request_exit(code)
-
-    app = build_app(settings, on_ready=on_ready, request_exit=request_exit)
-    config = uvicorn.Config(
-        app,
-        log_level=log_level.lower(),
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        **settings.http.uvicorn_kwargs(),
-    )
-    server = ReplicaServer(config)
-    server.run(sockets=[sock])
-    return server.exit_code
+    return run_replica(settings, sock, on_ready, log_level, app_factory=build_app)
