@@ -1,0 +1,1 @@
+"""Many regions: regional routing policies (pure), shared by live gateways and the simulator."""
