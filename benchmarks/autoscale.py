@@ -48,6 +48,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from fleetserve.cpu import describe as describe_cpu
 from fleetserve.options import default_model
 from fleetserve.testing.launcher import stop_process_group
 
@@ -89,20 +90,6 @@ def pct(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def cpu_flags() -> str:
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-              "amx_bf16")  # fmt: skip
-    model, flags = "unknown CPU", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and model == "unknown CPU":
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    have = [f for f in wanted if f in flags]
-    amx = "" if "amx_bf16" in flags else " (no amx)"
-    return f"{os.cpu_count()} cores {model}; flags {' '.join(have)}{amx}"
 
 
 def load_average() -> str:
@@ -550,7 +537,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         f"{args.base_rate * args.burst_factor:g}, {args.after_s:g} s at {args.base_rate:g} "
         f"(seed {args.seed}, {len(arrivals)} requests, {args.max_tokens} tokens each)"
     )
-    print(f"autoscale: {backend}; {trace}; CPU {cpu_flags()}", flush=True)
+    print(f"autoscale: {backend}; {trace}; CPU {describe_cpu()}", flush=True)
     fleets = {
         "autoscaled": (fleet_command(args, args.min_replicas, True), max(args.min_replicas, 1)),
         "fixed-min": (fleet_command(args, args.min_replicas, False), args.min_replicas),
@@ -562,7 +549,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     auto, fixed_max = runs["autoscaled"]["summary"], runs["fixed-max"]["summary"]
     return {
         "started": args.started,
-        "cpu": cpu_flags(),
+        "cpu": describe_cpu(),
         "backend": backend,
         "trace": trace,
         "args": {k: v for k, v in vars(args).items() if k not in ("out",)},
@@ -643,7 +630,7 @@ def calibrate(model: str, rounds: int = 3, batch: int = 8, tokens: int = 64, wor
     print(f"calibrate {model}: step at batch 1 {[round(s, 4) for s in steps[1]]} s, at batch "
           f"{batch} {[round(s, 4) for s in steps[batch]]} s; TTFT at batch 1 "
           f"{[round(t, 4) for t in ttft1]} s for {prompt_tokens} prompt tokens; load "
-          f"{load_s:.1f} s; CPU {cpu_flags()}; {load_average()}")  # fmt: skip
+          f"{load_s:.1f} s; CPU {describe_cpu()}; {load_average()}")  # fmt: skip
     print(f"CALIBRATION = {json.dumps(result)}")
     return result
 

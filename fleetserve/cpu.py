@@ -4,6 +4,7 @@ importing nothing of fleetserve, so that every layer may use it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -31,3 +32,17 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> str:
 def cpu_model(cpuinfo: Path = CPUINFO) -> str | None:
     """The first processor's model name, e.g. "AMD EPYC 9B14"; None where unknown."""
     return _field("model name", cpuinfo)
+
+
+# The flags that decide this project's speed: vector width, native bf16, int8 dot products.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+               "amx_bf16")  # fmt: skip
+
+
+def describe(cpuinfo: Path = CPUINFO) -> str:
+    """One line to print beside a benchmark figure: cores, model and the flags that matter,
+    e.g. "2 cores AMD EPYC 9B14; flags avx2 fma avx512f ... avx512_bf16 (no amx)"."""
+    flags = set(cpu_flags(cpuinfo).split())
+    have = " ".join(f for f in SPEED_FLAGS if f in flags)
+    amx = "" if "amx_bf16" in flags else " (no amx)"
+    return f"{os.cpu_count()} cores {cpu_model(cpuinfo) or 'unknown CPU'}; flags {have}{amx}"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fleetserve.cpu import cpu_flags, cpu_model
+from fleetserve.cpu import cpu_flags, cpu_model, describe
 from fleetserve.engine.device import (
     Capabilities,
     checkpoint_dtype,
@@ -97,6 +97,13 @@ def test_cpu_flags_and_model_are_the_first_processors(tmp_path):
     path.write_text(CPUINFO)
     assert cpu_flags(path) == "fpu avx2 avx512f avx512_bf16"
     assert cpu_model(path) == "AMD EPYC 9B14"
+
+
+def test_describe_names_the_flags_that_decide_speed(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    assert describe(path).endswith("AMD EPYC 9B14; flags avx2 avx512f avx512_bf16 (no amx)")
+    assert describe(tmp_path / "missing").endswith("unknown CPU; flags  (no amx)")
 
 
 def test_cpu_flags_are_unknown_without_cpuinfo(tmp_path):

@@ -374,3 +374,27 @@ def test_non_finite_logits_of_one_request_leave_the_others_exact(llm, monkeypatc
         assert bad.finish_reason == "error" and "NaN or -inf" in outs[0].error
     assert [o.outputs[0].token_ids for o in outs[1:]] == alone
     assert_all_blocks_free(llm)
+
+
+def test_max_model_len_is_capped_by_positions_and_sliding_window():
+    from types import SimpleNamespace
+
+    from fleetserve.engine.core import max_model_len
+
+    plain = SimpleNamespace(max_position_embeddings=2048, sliding_window=None)
+    assert max_model_len(None, plain) == 2048
+    assert max_model_len(512, plain) == 512
+    with pytest.raises(ValueError, match=r"^max_model_len 4096 is longer than the model .*2048"):
+        max_model_len(4096, plain)
+    windowed = SimpleNamespace(max_position_embeddings=32768, sliding_window=4096)
+    assert max_model_len(None, windowed) == 4096
+    with pytest.raises(ValueError, match="sliding_window 4096"):
+        max_model_len(8192, windowed)
+
+
+def test_engine_refuses_max_model_len_beyond_the_models_positions(tiny_llama):
+    from fleetserve.models.config import ModelConfig
+
+    positions = ModelConfig.from_hf_folder(tiny_llama).max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_position_embeddings {positions}"):
+        LLM(tiny_llama, dtype="float32", max_model_len=positions + 1)

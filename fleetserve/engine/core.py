@@ -72,7 +72,7 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
     dtype = devices.kv_dtype(model)
     block_size = config.block_size
     bytes_per_block = kv_cache_bytes_per_block(model_config, block_size, dtype)
-    model_len = config.max_model_len or model_config.max_position_embeddings
+    model_len = max_model_len(config.max_model_len, model_config)
     memory = config.kv_cache_memory or devices.default_kv_cache_memory(device)
     # Never more blocks than the batch could ever fill: a tiny model on a large budget
     # would otherwise spend its start-up making millions of bookkeeping objects.
@@ -289,3 +289,22 @@ def _unsent(s: ScheduledRequest, prompt_logprobs: list) -> list:
     end = first + len(prompt_logprobs)
     request.num_prompt_logprobs_sent = max(request.num_prompt_logprobs_sent, end)
     return prompt_logprobs[skip:]
+
+
+def max_model_len(asked: int | None, model_config) -> int:
+    """The longest sequence the model computes exactly: its positions, and its sliding window
+    where it has one (the model does not apply the window, so beyond it outputs would differ
+    from the reference). `asked` (`--max-model-len`) may lower it, never raise it: a longer
+    sequence would index past the rotary table mid-request."""
+    limit = model_config.max_position_embeddings
+    what = f"max_position_embeddings {limit}"
+    if model_config.sliding_window is not None and model_config.sliding_window < limit:
+        limit, what = model_config.sliding_window, f"sliding_window {model_config.sliding_window}"
+    if asked is None:
+        return limit
+    if asked > limit:
+        raise ValueError(
+            f"max_model_len {asked} is longer than the model supports ({what}); "
+            f"use --max-model-len {limit} or less"
+        )
+    return asked
