@@ -101,7 +101,9 @@ def build_random_100m(folder: Path) -> str:
     return str(folder)
 
 
-def run_engine(model: str, backend: str, eager: bool, num: int, in_len: int, out_len: int):
+def run_engine(
+    model: str, backend: str, eager: bool, num: int, in_len: int, out_len: int, device: str
+):
     from fleetserve.engine.config import EngineConfig
     from fleetserve.engine.core import build_engine_core
     from fleetserve.engine.request import EngineCoreRequest
@@ -111,7 +113,7 @@ def run_engine(model: str, backend: str, eager: bool, num: int, in_len: int, out
     core = build_engine_core(
         EngineConfig(
             model=model,
-            device="cuda",
+            device=device,
             attention_backend=backend,
             enforce_eager=eager,
             max_model_len=1024,
@@ -128,7 +130,6 @@ def run_engine(model: str, backend: str, eager: bool, num: int, in_len: int, out
             ids = [rng.randrange(100, 49000) for _ in range(in_len)]
             core.add_request(EngineCoreRequest(f"{tag}{i}", ids, params))
         tokens, decode_steps = 0, []
-        torch.cuda.synchronize()
         begin = time.perf_counter()
         while core.has_unfinished():
             prompt_before = core.prompt_tokens_total
@@ -136,6 +137,9 @@ def run_engine(model: str, backend: str, eager: bool, num: int, in_len: int, out
             outs = core.step()
             dt = time.perf_counter() - s  # step() returns sampled ids: synchronized
             tokens += sum(len(o.new_token_ids) for o in outs)
+            failed = [o.error for o in outs if o.error]
+            if failed:
+                raise RuntimeError(f"a request failed: {failed[0]}")
             if core.prompt_tokens_total == prompt_before:
                 decode_steps.append(dt)
         return time.perf_counter() - begin, tokens, decode_steps
@@ -153,15 +157,16 @@ def run_engine(model: str, backend: str, eager: bool, num: int, in_len: int, out
     }
 
 
-def engine_bench(out: Path, repeats: int) -> None:
+def engine_bench(out: Path, args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = build_random_100m(Path(tmp) / "random-100m")
         for backend, eager in (("triton", False), ("triton", True), ("torch", True)):
-            for num in (1, 64, 256):
+            for num in (int(n) for n in args.sizes.split(",")):
                 runs = []
-                for _ in range(repeats):
-                    runs.append(run_engine(model, backend, eager, num, 128, 128))
+                for _ in range(args.repeats):
+                    lens = (args.input_len, args.output_len)
+                    runs.append(run_engine(model, backend, eager, num, *lens, args.device))
                     gc.collect()  # the last core's cache and graphs go before the next
                     torch.cuda.empty_cache()
                 row = dict(runs[0])
@@ -192,14 +197,15 @@ def summary(folder: Path) -> None:
     if engine.exists():
         lines += [
             "",
-            "engine, random 100M Llama bf16, N x 128 in / 128 out greedy (median of runs)",
+            "engine, random 100M Llama bf16, N x 128 in / 128 out greedy (median of runs);"
+            " N=1: decode step = TPOT",
             f"{'backend':<8}{'graphs':>7}{'N':>5}{'out tok/s':>11}{'decode step ms':>16}"
             f"{'runs':>24}",
         ]
         for r in json.loads(engine.read_text()):
             lines.append(
                 f"{r['backend']:<8}{'on' if r['graphs'] else 'off':>7}{r['num_seqs']:>5}"
-                f"{r['out_tok_s']:>11.0f}{r['decode_step_ms_p50']:>16.2f}"
+                f"{r['out_tok_s']:>11.0f}{r['decode_step_ms_p50'] or float('nan'):>16.2f}"
                 f"{str(r['out_tok_s_runs']):>24}"
             )
     text = "\n".join(lines)
@@ -213,15 +219,19 @@ def main() -> None:
     p.add_argument("folder", nargs="?", default=".")
     p.add_argument("--out", type=Path)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sizes", default="1,64,256", help="engine: numbers of requests")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--device", default="cuda", help="engine: cpu only to smoke-test this script")
     args = p.parse_args()
     if args.what == "summary":
         return summary(Path(args.folder))
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: these measurements need one")
     if args.what == "kernel":
         kernel_bench(args.out)
     else:
-        engine_bench(args.out, args.repeats)
+        engine_bench(args.out, args)
 
 
 if __name__ == "__main__":

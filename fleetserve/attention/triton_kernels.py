@@ -23,7 +23,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# seq_offset varies with the step (the number of decodes): specializing on it (== 1, a
+# multiple of 16) would compile new variants in the middle of serving.
+@triton.jit(do_not_specialize=["seq_offset"])
 def _paged_attention(
     out_ptr,
     q_ptr,
@@ -84,8 +86,8 @@ def _paged_attention(
     m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
-    k_base = k_cache_ptr + kv_head * stride_ch
-    v_base = v_cache_ptr + kv_head * stride_ch
+    k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_ch
+    v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_ch
     for start in range(0, last, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)  # key positions of this tile
         j_ok = j < last
