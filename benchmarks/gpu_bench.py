@@ -77,7 +77,7 @@ def kernel_bench(out: Path) -> None:
         row["speedup"] = row["torch_ms"] / row["triton_ms"]
         print(json.dumps(row), flush=True)
         rows.append(row)
-    out.write_text(json.dumps(rows, indent=1))
+        out.write_text(json.dumps(rows, indent=1))  # after each row: a timeout keeps them
 
 
 def build_random_100m(folder: Path) -> str:
@@ -175,7 +175,7 @@ def engine_bench(out: Path, args) -> None:
                 row["decode_step_ms_p50"] = statistics.median(r["decode_step_ms_p50"] for r in runs)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    out.write_text(json.dumps(rows, indent=1))
+                out.write_text(json.dumps(rows, indent=1))
 
 
 def summary(folder: Path) -> None:
