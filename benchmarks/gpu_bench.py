@@ -80,6 +80,142 @@ def kernel_bench(out: Path) -> None:
         out.write_text(json.dumps(rows, indent=1))  # after each row: a timeout keeps them
 
 
+def _case(kind: str, batch: int, ctx: int, q_len: int, dtype=torch.bfloat16):
+    """Random inputs of one layer's attention step: `batch` sequences with `ctx` tokens after
+    the step, `q_len` of them new (1: decode)."""
+    from fleetserve.attention import SeqSpec, build_attention_metadata
+
+    dev = torch.device("cuda")
+    blocks_per_seq = -(-ctx // BLOCK)
+    num_blocks = 1 + batch * blocks_per_seq
+    perm = torch.randperm(num_blocks - 1)[: batch * blocks_per_seq] + 1
+    tables = perm.view(batch, blocks_per_seq).tolist()
+    specs = [SeqSpec(ctx - q_len, q_len, t) for t in tables]
+    meta = build_attention_metadata(specs, BLOCK, dev)
+    n = meta.query_start_loc[-1]
+    q = torch.randn(n, HEADS, HEAD_DIM, device=dev, dtype=dtype)
+    k = torch.randn(n, KV_HEADS, HEAD_DIM, device=dev, dtype=dtype)
+    v = torch.randn(n, KV_HEADS, HEAD_DIM, device=dev, dtype=dtype)
+    cache = torch.randn(2, KV_HEADS, num_blocks, BLOCK, HEAD_DIM, device=dev, dtype=dtype)
+    return meta, q, k, v, cache
+
+
+TUNE_CASES = [
+    ("decode", 1, 2048, 1),
+    ("decode", 64, 512, 1),
+    ("decode", 256, 512, 1),
+    ("decode", 256, 2048, 1),
+    ("prefill", 1, 2048, 2048),
+    ("prefill", 16, 128, 128),
+    ("prefill", 1, 2048, 512),
+]
+
+
+def tune(out: Path) -> None:
+    """Every launch shape on every case: correct (rel err vs the torch reference < 2e-2) and
+    timed; the best by the geometric mean of its time over the best time of each case."""
+    import functools
+    import itertools
+    import math
+
+    import triton
+
+    from fleetserve.attention import get_backend, triton_kernels
+
+    ref_backend = get_backend("torch")
+    spaces = {
+        "decode": [
+            {"block_n": n, "num_warps": w, "num_stages": st}
+            for n, w, st in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))
+        ],
+        "prefill": [
+            {"block_q": bq, "block_n": n, "num_warps": w, "num_stages": st}
+            for bq, n, w, st in itertools.product((16, 32), (32, 64, 128), (4, 8), (2, 3))
+        ],
+    }
+    results = {"decode": {}, "prefill": {}}
+    for kind, batch, ctx, q_len in TUNE_CASES:
+        meta, q, k, v, cache = _case(kind, batch, ctx, q_len)
+        scale = HEAD_DIM**-0.5
+        ref = ref_backend.forward(q, k, v, cache, meta, scale).float()
+        nd = meta.num_decodes
+        qsl = torch.tensor(meta.query_start_loc, device=q.device)
+        for cfg in spaces[kind]:
+            out_t = torch.full_like(q, float("nan"))
+
+            call = functools.partial(
+                triton_kernels.paged_attention,
+                out_t,
+                q,
+                cache,
+                meta.block_tables,
+                meta.seq_lens_tensor,
+                None if kind == "decode" else qsl,
+                scale,
+                first_seq=0,
+                num_seqs=batch,
+                max_query_len=q_len,
+                decode=kind == "decode",
+                tuning=cfg,
+            )
+
+            try:
+                call()
+                rel = ((out_t.float() - ref).norm() / ref.norm()).item()
+                ms = triton.testing.do_bench(call, warmup=10, rep=40, return_mode="median")
+            except Exception as e:  # a shape that does not compile (registers, shared memory)
+                rel, ms = float("nan"), float("inf")
+                print(f"  {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            if not rel < 2e-2:
+                ms = float("inf")
+            key = json.dumps(cfg, sort_keys=True)
+            results[kind].setdefault(key, {})[f"{batch}x{ctx}q{q_len}"] = ms
+        assert nd == (batch if kind == "decode" else 0)
+        best = min(results[kind].items(), key=lambda kv: kv[1][f"{batch}x{ctx}q{q_len}"])
+        print(
+            f"{kind} {batch}x{ctx} q{q_len}: best {best[0]} "
+            f"{best[1][f'{batch}x{ctx}q{q_len}']:.4f} ms",
+            flush=True,
+        )
+    chosen = {}
+    for kind, by_cfg in results.items():
+        cases = list(next(iter(by_cfg.values())))
+        floor = {c: min(r[c] for r in by_cfg.values()) for c in cases}
+
+        def score(r, cases=cases, floor=floor):
+            return math.exp(sum(math.log(r[c] / floor[c]) for c in cases) / len(cases))
+
+        ranked = sorted(by_cfg.items(), key=lambda kv: score(kv[1]))
+        default = json.dumps(
+            triton_kernels.DECODE_TUNING if kind == "decode" else triton_kernels.PREFILL_TUNING,
+            sort_keys=True,
+        )
+        chosen[kind] = {
+            "best": json.loads(ranked[0][0]),
+            "best_ms": ranked[0][1],
+            "best_score": score(ranked[0][1]),
+            "default": json.loads(default),
+            "default_ms": by_cfg.get(default),
+            "default_score": score(by_cfg[default]) if default in by_cfg else None,
+            "floor_ms": floor,
+            "top5": [(json.loads(c), round(score(r), 3)) for c, r in ranked[:5]],
+        }
+        print(kind, json.dumps(chosen[kind]), flush=True)
+    out.write_text(json.dumps(chosen, indent=1))
+
+
+def apply_tuning(path: Path | None) -> None:
+    """Benchmarks only: run with the launch shapes `tune` chose (its JSON)."""
+    if path is None or not path.exists():
+        return
+    from fleetserve.attention import triton_kernels
+
+    chosen = json.loads(path.read_text())
+    triton_kernels.DECODE_TUNING.update(chosen["decode"]["best"])
+    triton_kernels.PREFILL_TUNING.update(chosen["prefill"]["best"])
+    print(f"tuning from {path}: {triton_kernels.DECODE_TUNING} {triton_kernels.PREFILL_TUNING}")
+
+
 def build_random_100m(folder: Path) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -215,7 +351,7 @@ def summary(folder: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["kernel", "engine", "summary"])
+    p.add_argument("what", choices=["kernel", "engine", "summary", "tune"])
     p.add_argument("folder", nargs="?", default=".")
     p.add_argument("--out", type=Path)
     p.add_argument("--repeats", type=int, default=2)
@@ -223,12 +359,16 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--device", default="cuda", help="engine: cpu only to smoke-test this script")
+    p.add_argument("--tuning", type=Path, help="kernel/engine: launch shapes from `tune`")
     args = p.parse_args()
     if args.what == "summary":
         return summary(Path(args.folder))
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: these measurements need one")
-    if args.what == "kernel":
+    apply_tuning(args.tuning)
+    if args.what == "tune":
+        tune(args.out)
+    elif args.what == "kernel":
         kernel_bench(args.out)
     else:
         engine_bench(args.out, args)

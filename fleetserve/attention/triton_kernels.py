@@ -120,6 +120,12 @@ def _paged_attention(
     )
 
 
+# Launch shapes, from benchmarks/gpu_bench.py tune on an H200 (bf16, 12/4 heads, head_dim 64).
+# Prefill's block_q is in tokens of a group of 4 heads: block_q * 4 rows a program.
+DECODE_TUNING = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+PREFILL_TUNING = {"block_q": 16, "block_n": 64, "num_warps": 4, "num_stages": 3}
+
+
 def _pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(n))
 
@@ -137,11 +143,12 @@ def paged_attention(
     num_seqs: int,
     max_query_len: int,
     decode: bool,
-    block_n: int = 64,
+    tuning: dict[str, int] | None = None,
 ) -> None:
     """Attention of sequences [first_seq, first_seq + num_seqs) into `out`. `decode`: every
     one has one query token, at row = its sequence index (`query_start_loc` unused); else
-    `max_query_len` bounds their chunk lengths (it sizes the grid)."""
+    `max_query_len` bounds their chunk lengths (it sizes the grid). `tuning` overrides
+    block_q / block_n / num_warps / num_stages (benchmarks/gpu_bench.py tune)."""
     if num_seqs == 0:
         return
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -150,10 +157,14 @@ def paged_attention(
     assert q.stride(2) == 1 and out.stride(2) == 1 and kv_cache.stride(4) == 1
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     if decode:
-        block_g, block_q = _pow2(group, 16), 1  # tl.dot takes at least 16 rows
+        block_g = _pow2(group, 16)  # tl.dot takes at least 16 rows
+        cfg = dict(DECODE_TUNING)
     else:
-        block_g = _pow2(group)  # ~64 rows a program: 16 tokens of a group of 4, 8 of 8
-        block_q = min(16, max(1, 64 // block_g))
+        block_g = _pow2(group)
+        cfg = dict(PREFILL_TUNING)
+    cfg.update(tuning or {})
+    # at least 16 rows (tl.dot); prefill: block_q tokens of the group, ~block_q * 4 rows
+    block_q = 1 if decode else max(cfg["block_q"] * 4 // block_g, -(-16 // block_g), 1)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _paged_attention[grid](
         out,
@@ -177,9 +188,11 @@ def paged_attention(
         GROUP=group,
         BLOCK_G=block_g,
         BLOCK_Q=block_q,
-        BLOCK_N=block_n,
+        BLOCK_N=cfg["block_n"],
         HEAD_DIM=head_dim,
         BLOCK_D=_pow2(head_dim, 16),
         IS_DECODE=decode,
         IEEE=q.dtype == torch.float32,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
