@@ -122,8 +122,8 @@ def _paged_attention(
 
 # Launch shapes, from benchmarks/gpu_bench.py tune on an H200 (bf16, 12/4 heads, head_dim 64).
 # Prefill's block_q is in tokens of a group of 4 heads: block_q * 4 rows a program.
-DECODE_TUNING = {"block_n": 64, "num_warps": 4, "num_stages": 3}
-PREFILL_TUNING = {"block_q": 16, "block_n": 64, "num_warps": 4, "num_stages": 3}
+DECODE_TUNING = {"block_n": 128, "num_warps": 4, "num_stages": 2}
+PREFILL_TUNING = {"block_q": 16, "block_n": 128, "num_warps": 4, "num_stages": 2}
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
