@@ -1,7 +1,8 @@
 """CUDA graphs for decode steps: the model's forward captured once per batch size, replayed.
 
-A decode step of a small model on a GPU is mostly launch overhead (30 layers x ~15 kernels
-of a few microseconds each); a graph replays them all with one launch. What a graph reads
+A decode step of a small model on a GPU is mostly launch overhead (every layer launches ~15
+kernels of a few microseconds each); a graph replays them all with one launch (on an H200, a
+100M model's batch-1 step: 6.6 ms eager, 1.45 ms replayed; benchmarks/README.md, "GPU"). What a graph reads
 must sit at fixed addresses, so the step's inputs go into persistent buffers, allocated once
 at the largest captured size:
 
@@ -9,8 +10,8 @@ at the largest captured size:
     block_tables: (max_size, max_blocks_per_seq)
 
 A decode batch of n sequences runs the graph of the smallest captured size >= n
-(`capture_sizes`: 1, 2, 4, 8, then powers of two and the midpoints between them, so that
-padding wastes at most a third). Padding rows are harmless: token 0 at position 0, K/V
+(`capture_sizes`: 1, 2, 4, 8, then powers of two and the midpoints between them: above 8,
+padding adds at most half a batch). Padding rows are harmless: token 0 at position 0, K/V
 written to slot 0 of the null block (`NULL_BLOCK_ID`, never allocated to a request), and a
 length of 1 that reads that slot back. Prefill and mixed steps stay eager (their shapes vary
 with every chunk).
