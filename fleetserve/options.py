@@ -125,7 +125,10 @@ ENGINE_HELP = {
     "seed": "seed of the engine's sampler (requests may bring their own)",
     "device": "auto, cpu, cuda, cuda:N",
     "attention_backend": "attention implementation: auto (cpu on a CPU when the kernel "
-    "builds, else torch), cpu (the C++ paged-attention kernel), torch (the reference)",
+    "builds, triton on CUDA when triton imports, else torch), cpu (the C++ paged-attention "
+    "kernel), triton (the Triton paged-attention kernel, CUDA), torch (the reference)",
+    "enforce_eager": "CUDA: run decode steps eagerly instead of replaying CUDA graphs "
+    "(ignored on CPU)",
     "num_threads": "CPU threads for torch (default: all cores)",
 }
 

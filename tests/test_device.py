@@ -53,26 +53,38 @@ def test_an_explicit_dtype_is_kept(asked):
 
 
 def never_asked() -> str | None:
-    raise AssertionError("the kernel is not needed for this choice")
+    raise AssertionError("this kernel is not needed for this choice")
 
 
-def test_auto_backend_is_torch_off_the_cpu():
-    backend, why = choose_attention_backend("auto", torch.device("cuda"), never_asked)
-    assert backend == "torch" and "CPU only" in why
+def test_auto_backend_on_cuda_is_triton_when_it_imports():
+    backend, why = choose_attention_backend("auto", torch.device("cuda"), never_asked, lambda: None)
+    assert backend == "triton" and "Triton" in why
+
+
+def test_auto_backend_on_cuda_falls_back_to_torch_and_says_why():
+    choice = choose_attention_backend(
+        "auto", torch.device("cuda"), never_asked, lambda: "no module named triton"
+    )
+    assert choice[0] == "torch" and "no module named triton" in choice[1]
 
 
 def test_auto_backend_on_cpu_is_the_kernel_when_it_loads():
-    assert choose_attention_backend("auto", torch.device("cpu"), lambda: None)[0] == "cpu"
+    choice = choose_attention_backend("auto", torch.device("cpu"), lambda: None, never_asked)
+    assert choice[0] == "cpu"
 
 
 def test_auto_backend_falls_back_to_torch_and_says_why():
-    backend, why = choose_attention_backend("auto", torch.device("cpu"), lambda: "no g++")
+    backend, why = choose_attention_backend(
+        "auto", torch.device("cpu"), lambda: "no g++", never_asked
+    )
     assert backend == "torch" and "no g++" in why
 
 
 def test_an_explicit_backend_is_kept():
-    choice = choose_attention_backend("torch", torch.device("cpu"), never_asked)
+    choice = choose_attention_backend("torch", torch.device("cpu"), never_asked, never_asked)
     assert choice == ("torch", "as asked")
+    choice = choose_attention_backend("triton", torch.device("cuda"), never_asked, never_asked)
+    assert choice == ("triton", "as asked")
 
 
 def test_checkpoint_dtype_reads_the_config_alone(tiny_llama, tmp_path):

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from attention_backends import BACKENDS
+from attention_backends import ENGINE_VARIANTS
 from transformers import AutoModelForCausalLM
 
 from fleetserve import LLM, SamplingParams
@@ -62,15 +62,27 @@ def assert_all_blocks_free(llm: LLM) -> None:
     assert not llm.engine.has_unfinished()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_each_architecture_matches_transformers(tiny_checkpoints, hf_models, backend):
+@pytest.mark.parametrize(("device", "backend", "eager"), ENGINE_VARIANTS)
+def test_each_architecture_matches_transformers(
+    tiny_checkpoints, hf_models, device, backend, eager
+):
     for arch, path in tiny_checkpoints.items():
-        llm = LLM(path, dtype="float32", attention_backend=backend)
+        llm = LLM(
+            path,
+            dtype="float32",
+            attention_backend=backend,
+            device=device,
+            enforce_eager=eager,
+            max_num_seqs=16,  # graphs of 1..16: a short capture
+        )
         hf = hf_models(path)
         vocab = llm.engine.vocab_size
-        for prompt in random_prompts(3, vocab, seed=1):
+        prompts = random_prompts(3, vocab, seed=1)
+        # Together: a decode batch of 3 (a CUDA graph of 4, one padding row).
+        outs = llm.generate(prompts, greedy(), use_tqdm=False)
+        for prompt, out in zip(prompts, outs):
             expected, _ = hf_greedy(hf, prompt, MAX_TOKENS)
-            got = llm.generate([prompt], greedy(), use_tqdm=False)[0].outputs[0].token_ids
+            got = out.outputs[0].token_ids
             assert got == expected, f"{arch}: {got} != {expected}"
 
 
@@ -126,9 +138,9 @@ def test_prompt_logprobs_match_transformers(llm, tiny_llama, hf_models):
     ],
     ids=["chunked_prefill", "preemption"],
 )
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend", "eager"), ENGINE_VARIANTS)
 def test_greedy_output_unchanged_by_chunking_and_preemption(
-    tiny_llama, hf_models, engine_kwargs, backend
+    tiny_llama, hf_models, engine_kwargs, device, backend, eager
 ):
     from fleetserve.engine.model_runner import kv_cache_bytes_per_block
     from fleetserve.models import load_model
@@ -139,7 +151,14 @@ def test_greedy_output_unchanged_by_chunking_and_preemption(
         _, config = load_model(tiny_llama, dtype="float32")
         per_block = kv_cache_bytes_per_block(config, kwargs["block_size"], torch.float32)
         kwargs["kv_cache_memory"] = per_block * num_blocks
-    llm = LLM(tiny_llama, dtype="float32", attention_backend=backend, **kwargs)
+    llm = LLM(
+        tiny_llama,
+        dtype="float32",
+        attention_backend=backend,
+        device=device,
+        enforce_eager=eager,
+        **kwargs,
+    )
     hf = hf_models(tiny_llama)
     prompts = random_prompts(12, llm.engine.vocab_size, seed=5, lo=20, hi=40)
     outs = llm.generate(prompts, greedy(max_tokens=16, prompt_logprobs=1), use_tqdm=False)

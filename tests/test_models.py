@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from attention_backends import BACKENDS
+from attention_backends import MODEL_VARIANTS
 from checkpoints import TINY_ARCHS, new_kv_caches, prefill_in_chunks, write_gguf
 from transformers import AutoModelForCausalLM
 
@@ -64,26 +64,29 @@ def test_two_chunk_prefill_matches_transformers(arch, tiny_checkpoints, referenc
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
-def test_mixed_decode_and_prefill_batch(tiny_checkpoints, reference, backend_name):
+@pytest.mark.parametrize(("device", "backend_name"), MODEL_VARIANTS)
+def test_mixed_decode_and_prefill_batch(tiny_checkpoints, reference, device, backend_name):
     """Seq A decodes its 45th token while seq B prefills 30 tokens, in one forward."""
-    model, config = load_model(tiny_checkpoints["qwen3"])
+    model, config = load_model(tiny_checkpoints["qwen3"], device=device)
     ids, expected = reference["qwen3"]
     other = _tokens(30, 512, seed=7)
     other_expected = _hf_logits(tiny_checkpoints["qwen3"], other)
-    bs, kv = 8, new_kv_caches(config, 16, 8)
+    bs, kv = 8, [c.to(device) for c in new_kv_caches(config, 16, 8)]
     backend = get_backend(backend_name)
     blocks_a, blocks_b = [3, 0, 5, 9, 1, 12], [2, 4, 6, 7]
     with torch.no_grad():
-        meta = build_attention_metadata([SeqSpec(0, 44, blocks_a)], bs)
-        model(torch.tensor(ids[:44]), torch.arange(44), ForwardContext(meta, kv, backend))
-        meta = build_attention_metadata([SeqSpec(44, 1, blocks_a), SeqSpec(0, 30, blocks_b)], bs)
+        meta = build_attention_metadata([SeqSpec(0, 44, blocks_a)], bs, device)
+        ctx = ForwardContext(meta, kv, backend)
+        model(torch.tensor(ids[:44], device=device), torch.arange(44, device=device), ctx)
+        meta = build_attention_metadata(
+            [SeqSpec(44, 1, blocks_a), SeqSpec(0, 30, blocks_b)], bs, device
+        )
         hidden = model(
-            torch.tensor(ids[44:] + other),
-            torch.cat([torch.tensor([44]), torch.arange(30)]),
+            torch.tensor(ids[44:] + other, device=device),
+            torch.cat([torch.tensor([44]), torch.arange(30)]).to(device),
             ForwardContext(meta, kv, backend),
         )
-        logits = model.compute_logits(hidden)
+        logits = model.compute_logits(hidden).cpu()
     torch.testing.assert_close(logits[0], expected[44], atol=ATOL, rtol=0)
     torch.testing.assert_close(logits[1:], other_expected, atol=ATOL, rtol=0)
 

@@ -4,6 +4,7 @@ answered with the valid choices; and every registry of fleetserve resolves to wh
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,12 +68,17 @@ def test_entries_must_be_module_colon_attr(target):
 
 def test_every_attention_backend_resolves():
     from fleetserve.attention import ATTENTION_BACKENDS, AttentionBackend, get_backend
+    from fleetserve.attention.triton_paged import TritonUnavailable, problem
 
-    assert ATTENTION_BACKENDS.names() == ["cpu", "torch"]
+    assert ATTENTION_BACKENDS.names() == ["cpu", "torch", "triton"]
     for name, cls in ATTENTION_BACKENDS.items():
         assert issubclass(cls, AttentionBackend) and cls.name == name
+        if name == "triton" and problem() is not None:  # no triton or no CUDA: says which
+            with pytest.raises(TritonUnavailable, match=re.escape(problem())):
+                get_backend(name)
+            continue
         assert isinstance(get_backend(name), cls)
-    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'.*\['cpu', 'torch'\]"):
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'.*'triton'\]"):
         get_backend("flash")
 
 

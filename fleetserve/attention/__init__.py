@@ -18,6 +18,7 @@ ATTENTION_BACKENDS: Registry[type[AttentionBackend]] = Registry(
     {
         "torch": "fleetserve.attention.torch_ref:TorchAttention",
         "cpu": "fleetserve.attention.cpu_paged:CpuPagedAttention",
+        "triton": "fleetserve.attention.triton_paged:TritonPagedAttention",
     },
 )
 

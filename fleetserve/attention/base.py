@@ -5,6 +5,12 @@ sequence, decodes first (one token each, in order), then prefill chunks. Sequenc
 query rows ``query_start_loc[i]:query_start_loc[i+1]`` and, after this step, has
 ``seq_lens[i]`` tokens of K/V in the blocks of ``block_tables[i]``.
 
+In a CUDA graph (decode steps only, `cuda_graphs`) the Python-side lists are fixed at capture:
+``seq_lens`` then holds upper bounds (the block table's capacity) and only the tensors
+(``seq_lens_tensor``, ``block_tables``, ``slot_mapping``) hold the step's values. A backend
+with ``supports_cuda_graphs`` sizes nothing from the lists' values in a decode-only step
+beyond what such bounds allow, and masks with ``seq_lens_tensor``.
+
 KV cache of one layer: a tensor whose shape the backend chooses (`kv_cache_shape`); slot
 ``s`` is block ``s // block_size``, offset ``s % block_size``.
 """
@@ -35,6 +41,8 @@ class AttentionMetadata:
     num_decodes: int  # sequences [0, num_decodes) have query length 1
     seq_lens_tensor: torch.Tensor  # (num_seqs,) int64, on the device
     block_size: int
+    # query_start_loc on the device, made by a backend that needs it, once per step
+    query_start_loc_tensor: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -92,6 +100,8 @@ class AttentionBackend(ABC):
     """
 
     name: str
+    # A decode-only forward reads only tensors (or the lists' upper bounds): capturable.
+    supports_cuda_graphs: bool = False
 
     @staticmethod
     @abstractmethod

@@ -36,6 +36,7 @@ def kernel_sequences(meta: AttentionMetadata) -> tuple[list[int], list[int]]:
 
 class CpuPagedAttention(TorchAttention):
     name = "cpu"
+    supports_cuda_graphs = False  # CPU only; the kernel takes the Python lists
 
     def __init__(self) -> None:
         cpu_extension.load()

@@ -15,6 +15,9 @@ from fleetserve.attention.base import AttentionBackend, AttentionMetadata
 
 class TorchAttention(AttentionBackend):
     name = "torch"
+    # Decode sizes its gather from max(seq_lens), which a graph fixes at the block table's
+    # capacity, and masks with seq_lens_tensor: exact, though it reads the whole table.
+    supports_cuda_graphs = True
 
     @staticmethod
     def kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim) -> tuple[int, ...]:

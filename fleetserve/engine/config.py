@@ -22,7 +22,9 @@ class EngineConfig:
     quantization: str | None = None
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu
-    attention_backend: str = "auto"  # "auto": the C++ kernel on CPU when it loads, else torch
+    # "auto": the C++ kernel on CPU when it loads, Triton on CUDA when it imports, else torch
+    attention_backend: str = "auto"
+    enforce_eager: bool = False  # CUDA: no graphs for decode steps (CPU never uses graphs)
     num_threads: int | None = None  # CPU threads for torch; default: all cores
 
     def __post_init__(self) -> None:

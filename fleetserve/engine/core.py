@@ -35,7 +35,7 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
     # torch-heavy; keep `import fleetserve` light
     import torch
 
-    from fleetserve.attention import cpu_extension
+    from fleetserve.attention import cpu_extension, triton_paged
     from fleetserve.engine import device as devices
     from fleetserve.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
     from fleetserve.models import load_model
@@ -52,9 +52,9 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
         dtype_name, why = devices.choose_dtype(config.dtype, checkpoint, caps)
         logger.info("dtype %s -> %s: %s", config.dtype, dtype_name, why)
     backend, why = devices.choose_attention_backend(
-        config.attention_backend, device, cpu_extension.available
+        config.attention_backend, device, cpu_extension.available, triton_paged.problem
     )
-    fell_back = config.attention_backend == "auto" and device.type == "cpu" and backend == "torch"
+    fell_back = config.attention_backend == "auto" and backend == "torch"
     logger.log(
         logging.WARNING if fell_back else logging.INFO,
         "attention backend %s -> %s: %s",
@@ -95,6 +95,9 @@ def build_engine_core(config: EngineConfig, progress: bool = True) -> EngineCore
         dtype=dtype,
         attention_backend=backend,
         seed=config.seed,
+        max_model_len=model_len,
+        max_num_seqs=config.max_num_seqs,
+        enforce_eager=config.enforce_eager,
     )
     logger.info(
         "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d, device %s",

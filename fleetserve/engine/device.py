@@ -87,15 +87,24 @@ def checkpoint_dtype(path: str) -> str | None:
 
 
 def choose_attention_backend(
-    requested: str, device: torch.device, kernel_problem: Callable[[], str | None]
+    requested: str,
+    device: torch.device,
+    kernel_problem: Callable[[], str | None],
+    triton_problem: Callable[[], str | None],
 ) -> tuple[str, str]:
     """(backend name, why): "auto" is the C++ kernel ("cpu") on a CPU where it builds and
-    loads, else the torch reference. `kernel_problem()` (asked only then) says why the kernel
-    cannot load, or None (`cpu_extension.available`)."""
+    loads, the Triton kernel ("triton") on CUDA where triton imports, else the torch
+    reference. `kernel_problem()` / `triton_problem()` (asked only for their device) say why
+    that kernel cannot run, or None (`cpu_extension.available`, `triton_paged.problem`)."""
     if requested != "auto":
         return requested, "as asked"
+    if device.type == "cuda":
+        problem = triton_problem()
+        if problem is not None:
+            return "torch", f"the Triton kernel is unavailable: {problem}"
+        return "triton", "the Triton paged-attention kernel (triton imports, CUDA device)"
     if device.type != "cpu":
-        return "torch", f"the C++ kernel runs on CPU only, not {device.type}"
+        return "torch", f"no paged-attention kernel for {device.type}"
     problem = kernel_problem()
     if problem is not None:
         return "torch", f"the C++ kernel is unavailable: {problem}"

@@ -13,6 +13,7 @@ from fleetserve.attention import (
     build_attention_metadata,
     get_backend,
 )
+from fleetserve.engine.cuda_graphs import DecodeRow
 from fleetserve.engine.outputs import Logprobs
 from fleetserve.engine.runner import RunnerOutput
 from fleetserve.engine.sampler import Sampler, top_logprobs
@@ -41,6 +42,9 @@ class ModelRunner:
         dtype: torch.dtype,
         attention_backend: str = "torch",
         seed: int = 0,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        enforce_eager: bool = False,
     ) -> None:
         self.model = model
         self.model_config = model_config
@@ -62,32 +66,62 @@ class ModelRunner:
             for _ in range(model_config.num_hidden_layers)
         ]
         self.sampler = Sampler(seed, device)
+        self.graphs = self._decode_graphs(max_model_len, max_num_seqs, enforce_eager)
+
+    def _decode_graphs(self, max_model_len, max_num_seqs, enforce_eager):
+        """CUDA graphs for decode steps where they can run (`cuda_graphs`), else None."""
+        if self.device.type != "cuda":
+            return None  # CPU: no graphs, --enforce-eager or not
+        why_not = (
+            "--enforce-eager"
+            if enforce_eager
+            else f"the {self.backend.name} backend cannot be captured"
+            if not self.backend.supports_cuda_graphs
+            else "no max_model_len to size the block tables"
+            if max_model_len is None
+            else None
+        )
+        if why_not:
+            logger.info("CUDA graphs off: %s", why_not)
+            return None
+        from fleetserve.engine.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.backend,
+            block_size=self.block_size,
+            max_batch=max_num_seqs,
+            max_model_len=max_model_len,
+            device=self.device,
+        )
+        graphs.capture()
+        return graphs
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         # Decodes first: the attention backend batches them together.
         batch = sorted(out.scheduled, key=lambda s: not _is_decode(s))
-        input_ids: list[int] = []
-        positions: list[int] = []
-        specs = []
-        for s in batch:
-            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
-            input_ids += s.request.all_token_ids[start:end]
-            positions += range(start, end)
-            specs.append(SeqSpec(start, s.num_new_tokens, s.block_ids))
-        meta = build_attention_metadata(specs, self.block_size, self.device)
-        ctx = ForwardContext(meta, self.kv_caches, self.backend)
-        hidden = self.model(
-            torch.tensor(input_ids, device=self.device),
-            torch.tensor(positions, device=self.device),
-            ctx,
-        )
+        if self.graphs is not None and self._graph_fits(batch):
+            hidden = self.graphs.run(
+                [
+                    DecodeRow(
+                        s.request.all_token_ids[s.num_computed_tokens],
+                        s.num_computed_tokens,
+                        s.block_ids,
+                    )
+                    for s in batch
+                ]
+            )
+            query_start_loc = list(range(len(batch) + 1))
+        else:
+            hidden, query_start_loc = self._eager_forward(batch)
 
         result = RunnerOutput()
         sampling = [(i, s) for i, s in enumerate(batch) if s.samples]
         if sampling:
             rows = torch.tensor(
-                [meta.query_start_loc[i + 1] - 1 for i, _ in sampling], device=self.device
+                [query_start_loc[i + 1] - 1 for i, _ in sampling], device=self.device
             )
             logits = self.model.compute_logits(hidden[rows])
             requests = [s.request for _, s in sampling]
@@ -104,9 +138,38 @@ class ModelRunner:
         for i, s in enumerate(batch):
             if s.request.sampling_params.prompt_logprobs is not None and s.request.is_prefill:
                 result.prompt_logprobs[s.request.request_id] = self._prompt_logprobs(
-                    s, hidden[meta.query_start_loc[i] : meta.query_start_loc[i + 1]]
+                    s, hidden[query_start_loc[i] : query_start_loc[i + 1]]
                 )
         return result
+
+    def _eager_forward(self, batch: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states of every new token of the step, and the rows of each sequence."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        specs = []
+        for s in batch:
+            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
+            input_ids += s.request.all_token_ids[start:end]
+            positions += range(start, end)
+            specs.append(SeqSpec(start, s.num_new_tokens, s.block_ids))
+        meta = build_attention_metadata(specs, self.block_size, self.device)
+        ctx = ForwardContext(meta, self.kv_caches, self.backend)
+        hidden = self.model(
+            torch.tensor(input_ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            ctx,
+        )
+        return hidden, meta.query_start_loc
+
+    def _graph_fits(self, batch: list[ScheduledRequest]) -> bool:
+        """A decode-only step within the captured sizes and block-table width."""
+        if not all(_is_decode(s) for s in batch):
+            return False
+        return self.graphs.fits(
+            len(batch),
+            max(len(s.block_ids) for s in batch),
+            max(s.num_computed_tokens for s in batch),
+        )
 
     def _prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor):
         """Logprob of each prompt token computed this step, given the tokens before it."""
