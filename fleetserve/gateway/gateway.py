@@ -38,6 +38,9 @@ from fleetserve.gateway.health import probe_loop
 from fleetserve.gateway.kv_events import kv_event_loop
 from fleetserve.gateway.latency_window import LatencyWindow
 from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.gateway.peers import poll_loop
+from fleetserve.gateway.regional import Regions
+from fleetserve.gateway.regional_config import RegionsConfig
 from fleetserve.gateway.replica import Replica, ReplicaKind, ReplicaView
 from fleetserve.gateway.retry_budget import RetryBudget
 from fleetserve.gateway.route_request import RouteRequest
@@ -89,10 +92,12 @@ class Gateway:
         tokenizer: Any = None,
         clock: Callable[[], float] = time.monotonic,
         upstream_api_key: str | None = None,
+        regions: RegionsConfig | None = None,
     ) -> None:
         """`api_keys`: None lets every client in and keeps the admin routes off.
         `upstream_api_key`: the internal key of the replicas this gateway was started with;
-        sent (as a bearer token) only to replicas added with `trusted=True`."""
+        sent (as a bearer token) only to replicas added with `trusted=True`. `regions`: this
+        gateway's region and its peer regions (see `regional`); None: one region alone."""
         self.config = config
         self.api_keys = api_keys
         self.prompts: PromptTokenizer | None = None
@@ -112,6 +117,9 @@ class Gateway:
         self.metrics.watch_replicas(
             lambda: list(self.replicas.values()), clock, lambda: len(self.queue)
         )
+        self.regions = Regions(regions, self.dispatcher) if regions is not None else None
+        if self.regions is not None:
+            self.metrics.watch_peers(lambda: list(self.regions.peers.values()))
         self.client: httpx.AsyncClient | None = None
         self._ids = itertools.count()
         self._tasks: dict[str, list[asyncio.Task]] = {}
@@ -139,6 +147,8 @@ class Gateway:
         for replica in self.replicas.values():
             if replica.failed is None and not replica.down:
                 self._start_tasks(replica)
+        if self.regions is not None:
+            self._start_polls(self.regions)
 
     async def stop(self) -> None:
         self._started = False
@@ -264,6 +274,31 @@ class Gateway:
             tasks.append(asyncio.create_task(kv, name=f"kv-{replica.id}"))
         self._tasks[replica.id] = tasks
 
+    def _start_polls(self, regions: Regions) -> None:
+        config = regions.config
+        for peer in regions.peers.values():
+            poll = poll_loop(
+                peer,
+                self.client,
+                regions.peer_headers,
+                interval_s=config.poll_interval_s,
+                timeout_s=config.poll_timeout_s,
+                clock=self.clock,
+            )
+            task = asyncio.create_task(poll, name=f"peer-{peer.name}")
+            self._tasks[f"peer:{peer.name}"] = [task]
+
+    def can_fail_over(self, spilled_from: str | None) -> bool:
+        """Whether a request the local replicas cannot take may go to a peer region: its
+        regional policy fails over, it did not come from a peer, and some peer is healthy."""
+        if (
+            self.regions is None
+            or spilled_from is not None
+            or self.regions.config.policy == "local"
+        ):
+            return False
+        return any(p.healthy for p in self.regions.peers.values())
+
     def _probed(self, replica: Replica) -> None:
         if replica.loading and replica.ready:
             replica.loading = False
@@ -332,10 +367,14 @@ class Gateway:
         if self.on_starved is not None:
             self.on_starved()
 
-    async def route_now(self, request: RouteRequest, deadline: float | None) -> Replica:
+    async def route_now(
+        self, request: RouteRequest, deadline: float | None, fail_over: bool = False
+    ) -> Replica:
         """A replica for a retry or a migration, waiting up to `replica_wait_s` (and the
-        deadline) for one to accept work. Excluded replicas are used only as a last resort."""
-        limit = self.config.replica_wait_s
+        deadline) for one to accept work. Excluded replicas are used only as a last resort.
+        `fail_over`: a peer region can take the request, so it does not wait for a local
+        replica to come back (the caller fails over on `NoReplica`)."""
+        limit = 0.0 if fail_over else self.config.replica_wait_s
         end = self.clock() + limit if deadline is None else min(self.clock() + limit, deadline)
         while True:
             replica = self.dispatcher.route_now(request, self.clock())
