@@ -146,16 +146,18 @@ class Dispatcher:
             return Refused("queue_full", predicted if math.isfinite(predicted) else 1.0)
         return Queued(ticket, displaced)
 
-    def predicted_wait(self, now: float, rank: int = DEFAULT_RANK) -> float:
+    def predicted_wait(self, now: float, rank: int = DEFAULT_RANK, arriving: int = 0) -> float:
         """Seconds a fresh request of this priority would wait for a slot now (what `submit`
-        predicts, without queueing it): 0 with a free slot and nobody queued; the cold start
-        and the queue ahead when a replica must start first; inf when none accepts work and
-        none will start. Read-only (regional gateways compare it with their peers')."""
+        predicts, without queueing it), behind `arriving` requests that are about to be
+        submitted: 0 while they leave a slot free and nobody is queued; the cold start and the
+        queue ahead when a replica must start first; inf when none accepts work and none will
+        start. Read-only (regional gateways compare it with their peers')."""
         views = self.views(now)
-        if not len(self.queue) and self.router.free_slots(views) > 0:
+        free = 0 if len(self.queue) else self.router.free_slots(views)
+        ahead = self.queue.ahead_of(rank) + arriving - free
+        if ahead < 0:
             return 0.0
         slots = self.router.total_slots(views)
-        ahead = self.queue.ahead_of(rank)
         if slots == 0:
             cold_start = self.cold_start_wait(now)
             if cold_start is None:

@@ -319,6 +319,19 @@ class Gateway:
         """A replica may have become usable: serve the queue, wake waiting retries."""
         self._hand_out(self.dispatcher.grant(self.clock()))
         self._changed.set()
+        self._hand_over_if_dark()
+
+    def _hand_over_if_dark(self) -> None:
+        """No replica here accepts work and none is starting, but a peer region is healthy:
+        the queued requests fail now (`NoReplica`), so that they go to the peer instead of
+        waiting out their deadlines for a replica that is not coming."""
+        if not len(self.queue) or not self.can_fail_over(None):
+            return
+        if self.dispatcher.cold_start_s is not None or self.any_accepting():
+            return
+        logger.warning("no replica accepts work: %d queued requests go to peers", len(self.queue))
+        for ticket in self.queue.items():
+            self._refuse(ticket, Refused(NO_REPLICA, 0.0))
 
     # ---- dispatch ----------------------------------------------------------------------------
 
@@ -327,6 +340,8 @@ class Gateway:
         wait passes the deadline, and when the deadline passes while it waits; `NoReplica`
         when no replica accepts work by then."""
         now = self.clock()
+        if self.regions is not None:
+            self.regions.submitted(request.request_id)
         decision = self.dispatcher.submit(request, deadline, now)
         if isinstance(decision, Routed):
             self._count(decision.replica)
@@ -442,6 +457,8 @@ class Gateway:
     ) -> None:
         grants = self.dispatcher.release(replica, outcome, self.clock(), held_s, request_id)
         self._hand_out(grants)
+        if outcome is Outcome.FAILURE:  # its breaker may have opened: the region may be dark
+            self._hand_over_if_dark()
 
 
 def _granted(future: asyncio.Future) -> bool:

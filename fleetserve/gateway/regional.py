@@ -26,6 +26,8 @@ from fleetserve.regions.policy import (
     RegionView,
 )
 
+ARRIVING_TTL_S = 1.0
+
 
 class Regions:
     def __init__(self, config: RegionsConfig, dispatcher: Dispatcher) -> None:
@@ -34,6 +36,10 @@ class Regions:
         self.dispatcher = dispatcher
         self.policy: RegionalPolicy = REGIONAL_POLICIES.get(config.policy)(config.policy_config)
         self.peers: dict[str, Peer] = {p.name: Peer(p, config) for p in config.peers}
+        # Requests decided local and not yet submitted to the dispatcher (route request id ->
+        # when): in a burst, many are decided before the first of them queues, and each must
+        # see those before it. Forgotten after a second in any case (a client that left).
+        self._arriving: dict[str, float] = {}
         # Sent to peers: the shared secret (the state route, spilled requests).
         self.peer_headers = (
             {"Authorization": f"Bearer {config.peer_key}"} if config.peer_key else {}
@@ -58,8 +64,19 @@ class Regions:
             block_size=block_sizes[0] if len(block_sizes) == 1 else None,
         )
 
+    def submitted(self, request_id: str) -> None:
+        """The request reached the dispatcher (it counts in its queue or slots now)."""
+        self._arriving.pop(request_id, None)
+
+    def _count_arriving(self, now: float) -> int:
+        stale = [rid for rid, at in self._arriving.items() if now - at > ARRIVING_TTL_S]
+        for rid in stale:
+            del self._arriving[rid]
+        return len(self._arriving)
+
     def local_view(self, request: RouteRequest, now: float) -> RegionView:
-        wait = self.dispatcher.predicted_wait(now, request.priority_rank)
+        arriving = self._count_arriving(now)
+        wait = self.dispatcher.predicted_wait(now, request.priority_rank, arriving)
         views = [v for v in self.dispatcher.views(now) if v.accepting]
         cached = max((request.cached_tokens(v.prefix) for v in views), default=0)
         return RegionView(self.name, 0.0, wait, math.isfinite(wait), cached)
@@ -78,7 +95,10 @@ class Regions:
             local = dataclasses.replace(local, healthy=False)
         peers = [p.view(request) for p in self.peers.values()]
         asked = RegionRequest(request.num_prompt_tokens, spilled_from)
-        return self.policy.choose(asked, local, peers, now)
+        choice = self.policy.choose(asked, local, peers, now)
+        if not choice.leaves and not local_failed:
+            self._arriving[request.request_id] = now
+        return choice
 
     def describe(self, now: float) -> dict:
         """For /health."""
