@@ -140,8 +140,10 @@ def regions(tiny_llama, tmp_path_factory):
         started.append(proxy)
         url_a, url_b = replica_a.wait_listening(), replica_b.wait_listening()
         b_from_a = f"b=http://127.0.0.1:{proxy.port}@{2 * DELAY_S * 1000:.0f}"
-        gw_b = GatewayProcess(port_b, url_b, folder / "gw-b.log",
-                              "--region", "b", "--peer", f"a=http://127.0.0.1:{port_a}")  # fmt: skip
+        a_from_b = f"a=http://127.0.0.1:{port_a}"
+        gw_b = GatewayProcess(
+            port_b, url_b, folder / "gw-b.log", "--region", "b", "--peer", a_from_b
+        )
         started.append(gw_b)
         gw_a = GatewayProcess(port_a, url_a, folder / "gw-a.log",
                               "--region", "a", "--peer", b_from_a)  # fmt: skip
