@@ -360,6 +360,7 @@ class Gateway:
         future = asyncio.get_running_loop().create_future()
         ticket.gone = future.done
         self._waiters[ticket] = future
+        self._hand_over_if_dark()
         granted = False
         try:
             async with asyncio.timeout(max(ticket.expires_at - now, 0.0)):

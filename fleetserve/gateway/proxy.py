@@ -8,6 +8,7 @@ limits) ─▶ tokenize (for routing, in a thread) ─▶ acquire a replica (que
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -106,8 +107,8 @@ def authenticate_peer(gw: Gateway, request: Request) -> bool:
     regions = gw.regions
     if regions is None or not regions.config.peer_key:
         return False
-    presented = _presented_key(request)
-    return hmac.compare_digest(presented.encode(), regions.config.peer_key.encode())
+    presented = hashlib.sha256(_presented_key(request).encode()).digest()
+    return hmac.compare_digest(presented, hashlib.sha256(regions.config.peer_key.encode()).digest())
 
 
 def spilled_from(gw: Gateway, request: Request) -> tuple[str, ApiKey] | None:
