@@ -453,3 +453,13 @@ def test_local_policy_never_leaves_the_region():
     finally:
         a.close()
         b.close()
+
+
+def test_serve_with_a_region_runs_a_regional_gateway_and_checks_its_peers(capsys, monkeypatch):
+    from fleetserve.cli import main
+
+    monkeypatch.delenv("FLEETSERVE_PEER_KEY", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "/nonexistent", "--region", "eu", "--peer", "us=http://127.0.0.1:2"])
+    assert exit_info.value.code == 2
+    assert "need a peer key" in capsys.readouterr().err

@@ -276,7 +276,7 @@ def run_replicated(args: argparse.Namespace) -> int:
         if autoscaling is not None:
             num = autoscaling.initial_replicas(args.replicas)
         else:
-            num = int(args.replicas)
+            num = 1 if args.replicas is None else int(args.replicas)  # e.g. with --region
             if num < 1:
                 raise ValueError(f"--replicas must be >= 1 without autoscaling, got {num}")
         max_failures = int(getattr(args, "replica_max_failures", DEFAULT_MAX_FAILURES))
