@@ -3,6 +3,12 @@
 authenticate ─▶ read the body (size limit) ─▶ check its shape and limits ─▶ admit (key
 limits) ─▶ tokenize (for routing, in a thread) ─▶ acquire a replica (queue) ─▶ stream
 (`StreamSession`) or unary call, with retries (retry budget) ─▶ release.
+
+A regional gateway (`--region`) asks its regional policy first, after tokenizing: a request
+that goes to a peer region is passed through to that region's gateway (`spill`), and comes
+back here if the peer fails before the first byte. A request whose local replicas fail it
+before its first byte goes to the nearest healthy peer (failover). A peer's request (the
+peer key and `X-Fleetserve-Spilled-From`) is served here, never sent on.
 """
 
 from __future__ import annotations
