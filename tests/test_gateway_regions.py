@@ -442,7 +442,8 @@ def test_failover_when_the_local_replicas_are_gone(pair):
 
 def test_local_policy_never_leaves_the_region():
     port_a, port_b = free_port(), free_port()
-    a = Region("a", port_a, [("b", port_b)], policy="local", replica_wait_s=0.5)
+    a = Region("a", port_a, [("b", port_b)], policy="local", replica_wait_s=0.5,
+               first_chunk_timeout_s=1.0)  # fmt: skip
     b = Region("b", port_b, [("a", port_a)])
     try:
         wait_until(lambda: a.gw.regions.peers["b"].healthy and a.gw.any_accepting(), what="up")
