@@ -290,14 +290,14 @@ class Gateway:
 
     def can_fail_over(self, spilled_from: str | None) -> bool:
         """Whether a request the local replicas cannot take may go to a peer region: its
-        regional policy fails over, it did not come from a peer, and some peer is healthy."""
+        regional policy fails over, it did not come from a peer, and some peer can serve."""
         if (
             self.regions is None
             or spilled_from is not None
             or self.regions.config.policy == "local"
         ):
             return False
-        return any(p.healthy for p in self.regions.peers.values())
+        return any(p.serving for p in self.regions.peers.values())
 
     def _probed(self, replica: Replica) -> None:
         if replica.loading and replica.ready:

@@ -206,12 +206,17 @@ class Peer:
             return 0
         return self.prefixes.match_prefix(request.block_hashes(block_size)) * block_size
 
+    @property
+    def serving(self) -> bool:
+        """It answers its polls and says it can serve."""
+        return self.healthy and self.report is not None and self.report.can_serve
+
     def view(self, request: RouteRequest) -> RegionView:
         return RegionView(
             name=self.name,
             rtt_s=self.rtt_s or 0.0,
             predicted_wait_s=self.predicted_wait(),
-            healthy=self.healthy and self.report is not None and self.report.can_serve,
+            healthy=self.serving,
             cached_prefix_tokens=self.cached_tokens(request),
         )
 
