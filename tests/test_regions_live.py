@@ -30,6 +30,7 @@ BURST = 24
 WARM_UP = 8
 MAX_TOKENS = 96  # long enough that waiting behind the burst costs more than the round trip
 SLOTS = 4  # requests in flight per replica: the rest wait in the gateway's queue
+OUT = "fleetserve:gateway_region_requests_total"
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +85,14 @@ def test_a_burst_on_a_spills_to_b_within_the_cap(regions):
         for reason in ("local", "spill", "capped", "failover", "unavailable")
     }
     assert out > 0, decisions
-    # the cap, over its window (warm-up included): half of A's requests, plus one
-    assert total_out <= (WARM_UP + BURST) // 2 + 1, (total_out, decisions)
+    # the cap, over its window (warm-up included): half of A's requests, plus one (a
+    # failover, when A's replica fails a request, is outside the cap)
+    assert decisions["spill"] <= (WARM_UP + BURST) // 2 + 1, decisions
     assert into_b == total_out
     assert a_local.total("fleetserve:gateway_region_requests_total", direction="out") == 0
     spills = a.total("fleetserve:gateway_region_decisions_total", reason="spill") - spill_before
-    assert spills == out
+    failovers = a.total(OUT, direction="out", reason="failover")
+    assert spills + failovers >= out > 0
 
     # The TTFT p99 is printed, not asserted: both regions' replicas share this machine's two
     # cores (with whatever else runs), so B's replica is not the spare capacity that another

@@ -329,6 +329,8 @@ class Gateway:
             return
         if self.dispatcher.cold_start_s is not None or self.any_accepting():
             return
+        if any(r.ready and not r.down for r in self.replicas.values()):
+            return  # up, its circuit open for a moment: not dark, its queue waits for it
         logger.warning("no replica accepts work: %d queued requests go to peers", len(self.queue))
         for ticket in self.queue.items():
             self._refuse(ticket, Refused(NO_REPLICA, 0.0))
