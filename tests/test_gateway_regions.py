@@ -393,6 +393,8 @@ def test_a_busy_region_spills_and_the_peer_serves_it(pair):
         text, chunks = sse_texts(resp.iter_lines(), chat=False)
     assert len(text) == 8 and chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert served(b) == 2
+    assert a.metric("fleetserve:gateway_peer_healthy", region="b") == 1
+    assert a.metric("fleetserve:gateway_peer_rtt_seconds", region="b") > 0
     health = httpx.get(f"{a.url}/health").json()
     assert health["regions"]["region"] == "a"
     assert health["regions"]["peers"]["b"]["healthy"] is True
