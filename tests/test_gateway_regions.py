@@ -320,9 +320,10 @@ def pair():
     b = Region("b", port_b, [("a", port_a)])
     try:
         for region in (a, b):
-            wait_until(lambda r=region: all(p.healthy for p in r.gw.regions.peers.values()),
-                       what="peers polled")  # fmt: skip
             wait_until(lambda r=region: r.gw.any_accepting(), what="replicas ready")
+        for region in (a, b):  # and each has heard so from the other
+            wait_until(lambda r=region: all(p.serving for p in r.gw.regions.peers.values()),
+                       what="peers polled")  # fmt: skip
         yield a, b
     finally:
         a.close()
@@ -448,7 +449,7 @@ def test_local_policy_never_leaves_the_region():
                first_chunk_timeout_s=1.0)  # fmt: skip
     b = Region("b", port_b, [("a", port_a)])
     try:
-        wait_until(lambda: a.gw.regions.peers["b"].healthy and a.gw.any_accepting(), what="up")
+        wait_until(lambda: a.gw.regions.peers["b"].serving and a.gw.any_accepting(), what="up")
         a.servers[0].stop()
         resp = httpx.post(f"{a.url}/v1/completions", json=BODY, headers=CLIENT, timeout=20)
         assert resp.status_code in (502, 503), resp.text
