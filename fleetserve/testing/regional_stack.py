@@ -169,7 +169,7 @@ class TwoRegions:
             _wait(lambda gw=gw: gw.health()["status"] == "ok", timeout_s, "a replica ready")
         for gw in (self.a, self.a_local):
             peers = lambda gw=gw: gw.health()["regions"]["peers"]  # noqa: E731
-            _wait(lambda peers=peers: peers()["b"]["healthy"], timeout_s, "B polled from A")
+            _wait(lambda peers=peers: peers()["b"]["can_serve"], timeout_s, "B seen from A")
 
     def logs(self) -> str:
         return "\n".join(
