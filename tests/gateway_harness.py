@@ -35,11 +35,11 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02, what: s
 class ThreadServer:
     """An ASGI app served by uvicorn on its own event loop in a daemon thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, port: int = 0) -> None:
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
-            port=0,
+            port=port,
             log_level="warning",
             access_log=False,
             lifespan="on",

@@ -189,3 +189,22 @@ def test_a_held_ticket_that_expires_gets_the_cold_start_as_retry_after():
     ticket = d.submit(req("a"), None, 0.0).ticket
     assert d.expire(ticket, 4.0) == Refused(NO_REPLICA, 10.0)
     assert len(d.queue) == 0
+
+
+def test_predicted_wait_of_a_fresh_request_counts_the_queue_and_those_arriving():
+    d = dispatcher(max_outstanding_per_replica=2, replicas=2)  # 4 slots
+    d.waits.mean_service_s = 1.0
+    assert d.predicted_wait(0.0) == 0.0
+    assert d.predicted_wait(0.0, arriving=3) == 0.0  # the fourth slot is still free
+    assert d.predicted_wait(0.0, arriving=4) == pytest.approx(0.25)  # first in line
+    for i in range(4):
+        assert isinstance(d.submit(req(f"r{i}"), None, 0.0), Routed)
+    assert d.predicted_wait(0.0) == pytest.approx(0.25)
+    d.submit(req("queued"), None, 0.0)
+    assert d.predicted_wait(0.0) == pytest.approx(0.5)
+    assert d.predicted_wait(0.0, rank=1) == pytest.approx(0.25)  # a higher class goes first
+    for replica in d.replicas.values():
+        replica.ready = False
+    assert d.predicted_wait(0.0) == float("inf")  # nothing accepts work, nothing starts
+    d.cold_start_s = 10.0
+    assert d.predicted_wait(0.0) == pytest.approx(10.0 + 2 * 1.0 / 2)

@@ -51,6 +51,13 @@ from fleetserve.gateway.app import create_app
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
+from fleetserve.gateway.regional_config import PEER_KEY_ENV, RegionsConfig
+from fleetserve.gateway.regional_options import (
+    add_regional_arguments,
+    check_peer_key,
+    regions_from_args,
+    regions_requested,
+)
 from fleetserve.gateway.serve import quiet_http_client_logs, run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
 from fleetserve.http.sockets import bind
@@ -93,6 +100,7 @@ def add_replicated_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_fleet_arguments(parser)
     add_gateway_arguments(parser, tuning=False)
+    add_regional_arguments(parser)
     add_autoscaling_arguments(parser)
 
 
@@ -181,7 +189,8 @@ def wants_fleet(args: argparse.Namespace) -> bool:
     if getattr(args, "backend", "local") != "local":
         return True  # even one replica runs on the backend, behind the gateway
     try:
-        return autoscaling_requested(args)
+        # a regional gateway fronts even one replica
+        return autoscaling_requested(args) or regions_requested(args)
     except (ValueError, TypeError, OSError):
         return True  # a broken --gateway-config: `run_replicated` says what is wrong
 
@@ -246,6 +255,7 @@ class FleetPlan:
     backend: str = "local"
     # The backend's own keyword arguments (`backend_options_from_args`).
     backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    regions: RegionsConfig | None = None  # the gateway's region and peers
 
 
 def run_replicated(args: argparse.Namespace) -> int:
@@ -266,13 +276,15 @@ def run_replicated(args: argparse.Namespace) -> int:
         if autoscaling is not None:
             num = autoscaling.initial_replicas(args.replicas)
         else:
-            num = int(args.replicas)
+            num = 1 if args.replicas is None else int(args.replicas)  # e.g. with --region
             if num < 1:
                 raise ValueError(f"--replicas must be >= 1 without autoscaling, got {num}")
         max_failures = int(getattr(args, "replica_max_failures", DEFAULT_MAX_FAILURES))
         if max_failures < 1:
             raise ValueError(f"--replica-max-failures must be >= 1, got {max_failures}")
         backend_options = backend_options_from_args(args)
+        regions = regions_from_args(args)
+        check_peer_key(regions, api_keys)
     except (ValueError, TypeError, OSError) as exc:
         return _usage_error(args, str(exc))
     drain_s = float(options["drain_timeout"])
@@ -292,6 +304,7 @@ def run_replicated(args: argparse.Namespace) -> int:
         log_level=getattr(args, "log_level", "INFO"),
         backend=getattr(args, "backend", "local"),
         backend_options=backend_options,
+        regions=regions,
     )
     return run_fleet(plan, args)
 
@@ -312,7 +325,11 @@ def run_fleet(plan: FleetPlan, args: argparse.Namespace | None = None) -> int:
     replica_options = {**options, "num_threads": options.get("num_threads") or threads}
     internal_key = secrets.token_urlsafe(24)
     # The replicas read their key from their config; the public one stays out of their env.
-    env = {k: v for k, v in os.environ.items() if k not in (API_KEY_ENV, OPERATOR_KEY_ENV)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (API_KEY_ENV, OPERATOR_KEY_ENV, PEER_KEY_ENV)
+    }
     try:
         sock = bind(plan.host, plan.port)
     except OSError as exc:
@@ -332,7 +349,7 @@ def run_fleet(plan: FleetPlan, args: argparse.Namespace | None = None) -> int:
         return [sys.executable, "-m", "fleetserve.cli", "--log-level", plan.log_level,
                 "serve", "--config", str(configs.write(port))]  # fmt: skip
 
-    gw = Gateway(plan.config, plan.api_keys, upstream_api_key=internal_key)
+    gw = Gateway(plan.config, plan.api_keys, upstream_api_key=internal_key, regions=plan.regions)
     try:
         backend = FLEET_BACKENDS.get(plan.backend)(
             command,

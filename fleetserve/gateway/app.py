@@ -22,6 +22,7 @@ from fleetserve.gateway.proxy import (
     HttpError,
     authenticate,
     authenticate_operator,
+    authenticate_peer,
     handle_generate,
     handle_passthrough,
     read_json,
@@ -130,12 +131,29 @@ def create_app(gw: Gateway) -> FastAPI:
             status = "scaled to zero"
         elif on_demand and any(r.failed is None for r in gw.replicas.values()):
             status = "replicas starting"
+        elif gw.can_fail_over(None):  # its users are served by another region
+            status = "failing over to peer regions"
         else:  # none serves and none will: fixed URLs all down, or every replica failed
             status = "no replica ready"
-        return JSONResponse(
-            {"status": status, "replicas_accepting": accepting},
-            503 if status == "no replica ready" else 200,
-        )
+        answer: dict = {"status": status, "replicas_accepting": accepting}
+        if gw.regions is not None:
+            answer["regions"] = gw.regions.describe(gw.clock())
+        return JSONResponse(answer, 503 if status == "no replica ready" else 200)
+
+    @app.get("/region/state")
+    async def region_state(request: Request) -> Response:
+        """This region for its peers (`peers.RegionReport`): behind the peer key, off
+        without regions."""
+        if gw.regions is None or not gw.regions.config.peer_key:
+            raise HttpError(
+                403, "this gateway has no peer key: start it with --region and a peer key "
+                "($FLEETSERVE_PEER_KEY)", "permission_error",
+            )  # fmt: skip
+        if not authenticate_peer(gw, request):
+            raise HttpError(
+                401, "the peer key is required (Authorization: Bearer KEY)", "authentication_error"
+            )
+        return JSONResponse(gw.regions.report(gw.clock()).to_json())
 
     @app.get("/health/live")
     async def live() -> Response:

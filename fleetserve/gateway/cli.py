@@ -28,6 +28,11 @@ from fleetserve.fleet.scaling import AutoscalingSettings
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.gateway import Gateway
 from fleetserve.gateway.options import add_gateway_arguments, api_keys_from_args, config_from_args
+from fleetserve.gateway.regional_options import (
+    add_regional_arguments,
+    check_peer_key,
+    regions_from_args,
+)
 from fleetserve.gateway.replica import ReplicaKind, check_replica_url
 from fleetserve.gateway.serve import quiet_http_client_logs, run, serve_app
 from fleetserve.gateway.tokenizer import TokenizerFiles, load_tokenizer
@@ -85,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="on SIGTERM, how long requests in flight may take to finish (default: 30)",
     )
     add_gateway_arguments(p)
+    add_regional_arguments(p)
     add_http_limit_arguments(p)
     p.add_argument(
         "--discover",
@@ -151,6 +157,8 @@ def main(args: argparse.Namespace) -> int:
             )
         config = config_from_args(args)
         api_keys = api_keys_from_args(args)
+        regions = regions_from_args(args)
+        check_peer_key(regions, api_keys)
         limits = HttpLimits.from_options(vars(args))
         for url in urls:
             check_replica_url(url)
@@ -166,12 +174,22 @@ def main(args: argparse.Namespace) -> int:
     files = TokenizerFiles()
     try:
         tokenizer = load_tokenizer(args.tokenizer, files) if args.tokenizer else None
-        gw = Gateway(config, api_keys, tokenizer, upstream_api_key=os.environ.get(UPSTREAM_KEY_ENV))
+        gw = Gateway(
+            config,
+            api_keys,
+            tokenizer,
+            upstream_api_key=os.environ.get(UPSTREAM_KEY_ENV),
+            regions=regions,
+        )
         for url, kind in zip(urls, kinds, strict=True):
             gw.add_replica(url, ReplicaKind(kind))
         front = f"http://{args.host}:{sock.getsockname()[1]}"
         what = f"{len(urls)} replicas" if discovery is None else f"replicas of {args.discover}"
-        print(f"fleetserve gateway: {what} behind {front} (router {config.router})", flush=True)
+        where = "" if regions is None else f", region {regions.region}, {len(regions.peers)} peers"
+        print(
+            f"fleetserve gateway: {what} behind {front} (router {config.router}{where})",
+            flush=True,
+        )
         run(_serve(gw, sock, args.drain_timeout, limits, discovery, autoscaling))
     finally:
         files.cleanup()
@@ -219,6 +237,8 @@ def _run_backend(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         # the replicas it starts honour the priority of the client's key class
         config = dataclasses.replace(config_from_args(args), forward_priority=True)
         api_keys = api_keys_from_args(args)
+        regions = regions_from_args(args)
+        check_peer_key(regions, api_keys)
         autoscaling = autoscaling_from_args(args)
         if autoscaling is not None:
             num = autoscaling.initial_replicas(args.replicas)
@@ -244,6 +264,7 @@ def _run_backend(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             log_level=getattr(args, "log_level", "INFO"),
             backend=args.backend,
             backend_options=backend_options_from_args(args),
+            regions=regions,
         )
     except (ValueError, TypeError, OSError) as exc:
         parser.error(str(exc))

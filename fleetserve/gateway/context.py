@@ -36,6 +36,9 @@ class RequestContext:
     exclude: set[str] = dataclasses.field(default_factory=set)
     retry_in_flight: bool = False  # holds a place in the gateway's retry budget
     raw: RawRequest | None = None  # forwarded as it is, not as an OpenAI JSON body
+    spilled_from: str | None = None  # the peer region that sent it here (served here)
+    # Why the local replicas could not serve it before its first byte (a peer may, then).
+    local_failure: Exception | None = None
 
     def __post_init__(self) -> None:
         # The priority is the key's, never the client's (see `body_for`).

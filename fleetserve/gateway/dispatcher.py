@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.dispatch_queue import DispatchQueue, QueueFull
 from fleetserve.gateway.policies import make_policy
+from fleetserve.gateway.priority import DEFAULT_PRIORITY, priority_rank
 from fleetserve.gateway.replica import Replica, ReplicaView
 from fleetserve.gateway.route_request import RouteRequest
 from fleetserve.gateway.router import Router
@@ -87,6 +88,7 @@ class Grant:
 
 
 DISPLACED = Refused("displaced", 1.0)
+DEFAULT_RANK = priority_rank(DEFAULT_PRIORITY)
 
 
 class Dispatcher:
@@ -143,6 +145,26 @@ class Dispatcher:
         except QueueFull:
             return Refused("queue_full", predicted if math.isfinite(predicted) else 1.0)
         return Queued(ticket, displaced)
+
+    def predicted_wait(self, now: float, rank: int = DEFAULT_RANK, arriving: int = 0) -> float:
+        """Seconds a fresh request of this priority would wait for a slot now (what `submit`
+        predicts, without queueing it), behind `arriving` requests that are about to be
+        submitted: 0 while they leave a slot free and nobody is queued; the cold start and the
+        queue ahead when a replica must start first; inf when none accepts work and none will
+        start. Read-only (regional gateways compare it with their peers')."""
+        views = self.views(now)
+        free = 0 if len(self.queue) else self.router.free_slots(views)
+        ahead = self.queue.ahead_of(rank) + arriving - free
+        if ahead < 0:
+            return 0.0
+        slots = self.router.total_slots(views)
+        if slots == 0:
+            cold_start = self.cold_start_wait(now)
+            if cold_start is None:
+                return math.inf
+            per_replica = self.config.max_outstanding_per_replica
+            return cold_start + self.waits.predict_wait(ahead, per_replica)
+        return self.waits.predict_wait(ahead, slots)
 
     def cold_start_wait(self, now: float) -> float | None:
         """Seconds until a replica should be ready when none is: the least remaining cold

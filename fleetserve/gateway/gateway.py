@@ -38,6 +38,9 @@ from fleetserve.gateway.health import probe_loop
 from fleetserve.gateway.kv_events import kv_event_loop
 from fleetserve.gateway.latency_window import LatencyWindow
 from fleetserve.gateway.metrics import GatewayMetrics
+from fleetserve.gateway.peers import poll_loop
+from fleetserve.gateway.regional import Regions
+from fleetserve.gateway.regional_config import RegionsConfig
 from fleetserve.gateway.replica import Replica, ReplicaKind, ReplicaView
 from fleetserve.gateway.retry_budget import RetryBudget
 from fleetserve.gateway.route_request import RouteRequest
@@ -89,10 +92,12 @@ class Gateway:
         tokenizer: Any = None,
         clock: Callable[[], float] = time.monotonic,
         upstream_api_key: str | None = None,
+        regions: RegionsConfig | None = None,
     ) -> None:
         """`api_keys`: None lets every client in and keeps the admin routes off.
         `upstream_api_key`: the internal key of the replicas this gateway was started with;
-        sent (as a bearer token) only to replicas added with `trusted=True`."""
+        sent (as a bearer token) only to replicas added with `trusted=True`. `regions`: this
+        gateway's region and its peer regions (see `regional`); None: one region alone."""
         self.config = config
         self.api_keys = api_keys
         self.prompts: PromptTokenizer | None = None
@@ -112,6 +117,9 @@ class Gateway:
         self.metrics.watch_replicas(
             lambda: list(self.replicas.values()), clock, lambda: len(self.queue)
         )
+        self.regions = Regions(regions, self.dispatcher) if regions is not None else None
+        if self.regions is not None:
+            self.metrics.watch_peers(lambda: list(self.regions.peers.values()))
         self.client: httpx.AsyncClient | None = None
         self._ids = itertools.count()
         self._tasks: dict[str, list[asyncio.Task]] = {}
@@ -139,6 +147,8 @@ class Gateway:
         for replica in self.replicas.values():
             if replica.failed is None and not replica.down:
                 self._start_tasks(replica)
+        if self.regions is not None:
+            self._start_polls(self.regions)
 
     async def stop(self) -> None:
         self._started = False
@@ -264,6 +274,31 @@ class Gateway:
             tasks.append(asyncio.create_task(kv, name=f"kv-{replica.id}"))
         self._tasks[replica.id] = tasks
 
+    def _start_polls(self, regions: Regions) -> None:
+        config = regions.config
+        for peer in regions.peers.values():
+            poll = poll_loop(
+                peer,
+                self.client,
+                regions.peer_headers,
+                interval_s=config.poll_interval_s,
+                timeout_s=config.poll_timeout_s,
+                clock=self.clock,
+            )
+            task = asyncio.create_task(poll, name=f"peer-{peer.name}")
+            self._tasks[f"peer:{peer.name}"] = [task]
+
+    def can_fail_over(self, spilled_from: str | None) -> bool:
+        """Whether a request the local replicas cannot take may go to a peer region: its
+        regional policy fails over, it did not come from a peer, and some peer can serve."""
+        if (
+            self.regions is None
+            or spilled_from is not None
+            or self.regions.config.policy == "local"
+        ):
+            return False
+        return any(p.serving for p in self.regions.peers.values())
+
     def _probed(self, replica: Replica) -> None:
         if replica.loading and replica.ready:
             replica.loading = False
@@ -284,6 +319,21 @@ class Gateway:
         """A replica may have become usable: serve the queue, wake waiting retries."""
         self._hand_out(self.dispatcher.grant(self.clock()))
         self._changed.set()
+        self._hand_over_if_dark()
+
+    def _hand_over_if_dark(self) -> None:
+        """No replica here accepts work and none is starting, but a peer region is healthy:
+        the queued requests fail now (`NoReplica`), so that they go to the peer instead of
+        waiting out their deadlines for a replica that is not coming."""
+        if not len(self.queue) or not self.can_fail_over(None):
+            return
+        if self.dispatcher.cold_start_s is not None or self.any_accepting():
+            return
+        if any(r.ready and not r.down for r in self.replicas.values()):
+            return  # up, its circuit open for a moment: not dark, its queue waits for it
+        logger.warning("no replica accepts work: %d queued requests go to peers", len(self.queue))
+        for ticket in self.queue.items():
+            self._refuse(ticket, Refused(NO_REPLICA, 0.0))
 
     # ---- dispatch ----------------------------------------------------------------------------
 
@@ -292,6 +342,8 @@ class Gateway:
         wait passes the deadline, and when the deadline passes while it waits; `NoReplica`
         when no replica accepts work by then."""
         now = self.clock()
+        if self.regions is not None:
+            self.regions.submitted(request.request_id)
         decision = self.dispatcher.submit(request, deadline, now)
         if isinstance(decision, Routed):
             self._count(decision.replica)
@@ -310,6 +362,7 @@ class Gateway:
         future = asyncio.get_running_loop().create_future()
         ticket.gone = future.done
         self._waiters[ticket] = future
+        self._hand_over_if_dark()
         granted = False
         try:
             async with asyncio.timeout(max(ticket.expires_at - now, 0.0)):
@@ -332,10 +385,14 @@ class Gateway:
         if self.on_starved is not None:
             self.on_starved()
 
-    async def route_now(self, request: RouteRequest, deadline: float | None) -> Replica:
+    async def route_now(
+        self, request: RouteRequest, deadline: float | None, fail_over: bool = False
+    ) -> Replica:
         """A replica for a retry or a migration, waiting up to `replica_wait_s` (and the
-        deadline) for one to accept work. Excluded replicas are used only as a last resort."""
-        limit = self.config.replica_wait_s
+        deadline) for one to accept work. Excluded replicas are used only as a last resort.
+        `fail_over`: a peer region can take the request, so it does not wait for a local
+        replica to come back (the caller fails over on `NoReplica`)."""
+        limit = 0.0 if fail_over else self.config.replica_wait_s
         end = self.clock() + limit if deadline is None else min(self.clock() + limit, deadline)
         while True:
             replica = self.dispatcher.route_now(request, self.clock())
@@ -403,6 +460,8 @@ class Gateway:
     ) -> None:
         grants = self.dispatcher.release(replica, outcome, self.clock(), held_s, request_id)
         self._hand_out(grants)
+        if outcome is Outcome.FAILURE:  # its breaker may have opened: the region may be dark
+            self._hand_over_if_dark()
 
 
 def _granted(future: asyncio.Future) -> bool:

@@ -16,6 +16,7 @@ some are), `..._scale_events_total{direction,reason}` one per change of the targ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -93,6 +94,36 @@ class _ReplicaCollector(Collector):
         yield queue
 
 
+class _PeerCollector(Collector):
+    """Each peer region's measured round trip, health and predicted wait, at scrape time."""
+
+    def __init__(self, peers: Callable[[], Iterable]) -> None:
+        self._peers = peers
+
+    def collect(self):
+        rtt = GaugeMetricFamily(
+            f"{P}peer_rtt_seconds", "round trip to a peer region's gateway (moving average)",
+            labels=["region"],
+        )  # fmt: skip
+        healthy = GaugeMetricFamily(
+            f"{P}peer_healthy", "1 while a peer region answers its polls", labels=["region"]
+        )
+        wait = GaugeMetricFamily(
+            f"{P}peer_predicted_wait_seconds",
+            "a peer region's predicted wait for a new request (its report, plus what was sent "
+            "since)",
+            labels=["region"],
+        )
+        for peer in self._peers():
+            if peer.rtt_s is not None:
+                rtt.add_metric([peer.name], peer.rtt_s)
+            healthy.add_metric([peer.name], int(peer.healthy))
+            predicted = peer.predicted_wait()
+            if math.isfinite(predicted):
+                wait.add_metric([peer.name], predicted)
+        yield from (rtt, healthy, wait)
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -157,6 +188,28 @@ class GatewayMetrics:
             registry=r,
         )
 
+        # Many regions: requests sent to (out) or received from (in) another region's
+        # gateway, by that region and why (spill, failover); every regional decision by its
+        # reason; and spills that the peer failed before the first byte (served here).
+        self.region_requests = Counter(
+            f"{P}region_requests",
+            "requests sent to (out) or received from (in) another region, by region and reason",
+            ["region", "direction", "reason"],
+            registry=r,
+        )
+        self.region_decisions = Counter(
+            f"{P}region_decisions",
+            "regional routing decisions: local, spill, failover, pinned, capped, unavailable",
+            ["reason"],
+            registry=r,
+        )
+        self.region_fallbacks = Counter(
+            f"{P}region_fallbacks",
+            "requests a peer region failed before their first byte, then served here",
+            ["region"],
+            registry=r,
+        )
+
         self.desired_replicas = Gauge(
             f"{P}desired_replicas",
             "replicas the fleet is asked to keep (loading + ready); for an HPA or KEDA",
@@ -174,6 +227,9 @@ class GatewayMetrics:
             buckets=COLD_START_BUCKETS,
             registry=r,
         )
+
+    def watch_peers(self, peers: Callable[[], Iterable]) -> None:
+        self.registry.register(_PeerCollector(peers))
 
     def watch_replicas(
         self,

@@ -1,8 +1,8 @@
 """Gateway command-line options, shared by `fleetserve gateway` and
 `fleetserve serve --replicas N`. Every `GatewayConfig` field can come from a YAML file
 (`--gateway-config`); the few flags below override it. The YAML file may also hold
-`operator_key` (see `api_keys_from_args`) and an `autoscaling:` mapping (read by
-`fleetserve.fleet.options`)."""
+`operator_key` (see `api_keys_from_args`), an `autoscaling:` mapping (read by
+`fleetserve.fleet.options`) and a `regions:` mapping (`fleetserve.gateway.regional_options`)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ TUNING_FLAGS = {
     "retry_min_concurrency": (int, "retries in flight always allowed (default 3)"),
 }
 _SECRETS = {"operator_key"}  # YAML keys read here that are not GatewayConfig fields
-_SECTIONS = {"autoscaling"}  # YAML keys other modules read
+_SECTIONS = {"autoscaling", "regions"}  # YAML keys other modules read
 _FIELD = {
     "stall_timeout": "stall_timeout_s",
     "first_chunk_timeout": "first_chunk_timeout_s",

@@ -3,11 +3,19 @@
 authenticate ─▶ read the body (size limit) ─▶ check its shape and limits ─▶ admit (key
 limits) ─▶ tokenize (for routing, in a thread) ─▶ acquire a replica (queue) ─▶ stream
 (`StreamSession`) or unary call, with retries (retry budget) ─▶ release.
+
+A regional gateway (`--region`) asks its regional policy first, after tokenizing: a request
+that goes to a peer region is passed through to that region's gateway (`spill`), and comes
+back here if the peer fails before the first byte. A request whose local replicas fail it
+before its first byte goes to the nearest healthy peer (failover). A peer's request (the
+peer key and `X-Fleetserve-Spilled-From`) is served here, never sent on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -21,9 +29,16 @@ from starlette.requests import ClientDisconnect
 from fleetserve.gateway.api_keys import ANONYMOUS, ApiKey
 from fleetserve.gateway.context import RawRequest, RequestContext
 from fleetserve.gateway.gateway import DeadlineExceeded, Gateway, NoReplica, Outcome, Shed
+from fleetserve.gateway.priority import DEFAULT_PRIORITY, PRIORITY_CLASSES
+from fleetserve.gateway.regional_config import (
+    PRIORITY_HEADER,
+    SPILL_REASON_HEADER,
+    SPILLED_FROM_HEADER,
+)
 from fleetserve.gateway.replica import Replica
 from fleetserve.gateway.request_body import BodyShape, InvalidBody, charged_tokens, check_body
 from fleetserve.gateway.route_request import RouteRequest
+from fleetserve.gateway.spill import spill
 from fleetserve.gateway.stream import StreamSession, failure_status
 from fleetserve.gateway.upstream import UpstreamError, post_json, send_raw
 from fleetserve.http.disconnect import ClientDisconnected, unless_disconnected
@@ -91,6 +106,43 @@ def authenticate(gw: Gateway, request: Request) -> ApiKey:
             401, "a valid API key is required (Authorization: Bearer KEY)", "authentication_error"
         )
     return key
+
+
+def authenticate_peer(gw: Gateway, request: Request) -> bool:
+    """Whether the request presents this gateway's peer key (constant time)."""
+    regions = gw.regions
+    if regions is None or not regions.config.peer_key:
+        return False
+    presented = hashlib.sha256(_presented_key(request).encode()).digest()
+    return hmac.compare_digest(presented, hashlib.sha256(regions.config.peer_key.encode()).digest())
+
+
+def spilled_from(gw: Gateway, request: Request) -> tuple[str, ApiKey] | None:
+    """(origin region, key) of a request a peer region sent here, or None for a client's.
+    Only a peer may name its region: the header without the peer key is refused (403), so
+    a client cannot skip the spill (or its key) by forging it. The priority class of the
+    origin's client key comes in a header too, trusted for the same reason."""
+    origin = request.headers.get(SPILLED_FROM_HEADER)
+    if origin is None:
+        return None
+    if not authenticate_peer(gw, request):
+        raise HttpError(
+            403,
+            f"{SPILLED_FROM_HEADER} is for peer gateways and needs the peer key",
+            "permission_error",
+        )
+    if gw.regions.peers.get(origin) is None:
+        raise HttpError(
+            400,
+            f"{SPILLED_FROM_HEADER}: {origin[:64]!r} is not a peer region",
+            "invalid_request_error",
+        )
+    priority = request.headers.get(PRIORITY_HEADER, DEFAULT_PRIORITY)
+    if priority not in PRIORITY_CLASSES:
+        raise HttpError(
+            400, f"{PRIORITY_HEADER}: unknown class {priority[:32]!r}", "invalid_request_error"
+        )
+    return origin, ApiKey(f"peer:{origin}", priority=priority)
 
 
 def authenticate_operator(gw: Gateway, request: Request, admin_api: bool) -> None:
@@ -165,8 +217,13 @@ def parse_deadline(request: Request, gw: Gateway, now: float) -> float | None:
 async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bool) -> Response:
     request_id = request_id_or_new(request.headers.get("x-request-id"))
     now = gw.clock()
+    origin = None
     try:
-        key = authenticate(gw, request)
+        peer = spilled_from(gw, request)
+        if peer is not None:
+            origin, key = peer
+        else:
+            key = authenticate(gw, request)
         deadline = parse_deadline(request, gw, now)
         body = await read_json(request, gw.config.max_body_bytes)
         try:
@@ -176,6 +233,10 @@ async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bo
     except HttpError as err:
         gw.metrics.requests.labels(endpoint, str(err.status)).inc()
         return err.response(request_id)
+    if origin is not None:
+        reason = request.headers.get(SPILL_REASON_HEADER)
+        reason = reason if reason in ("spill", "failover") else "spill"
+        gw.metrics.region_requests.labels(origin, "in", reason).inc()
     charge = charged_tokens(shape.estimated_prompt_tokens, shape, gw.config.default_max_tokens)
     refused = _admit(gw, key, charge, now)
     if refused is not None:
@@ -210,7 +271,33 @@ async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bo
         arrival=now,
         deadline=deadline,
         charged_tokens=charge,
+        spilled_from=origin,
     )
+    if gw.regions is not None:
+        choice = gw.regions.choose(route, origin, now)
+        gw.metrics.region_decisions.labels(choice.reason).inc()
+        if choice.leaves:
+            peer = gw.regions.peers[choice.region]
+            answer = await spill(gw, ctx, request, peer, choice.reason)
+            if answer is not None:
+                return answer
+    answer = await _serve_here(gw, ctx, request)
+    if ctx.local_failure is not None and gw.can_fail_over(origin):
+        # The local replicas failed it before its first byte: the nearest healthy region.
+        choice = gw.regions.choose(route, None, gw.clock(), local_failed=True)
+        if choice.leaves:
+            gw.metrics.region_decisions.labels(choice.reason).inc()
+            peer = gw.regions.peers[choice.region]
+            spilled = await spill(gw, ctx, request, peer, choice.reason, admitted=False)
+            if spilled is not None:
+                return spilled
+    return answer
+
+
+async def _serve_here(gw: Gateway, ctx: RequestContext, request: Request) -> Response:
+    """Serve `ctx` on this gateway's replicas. A failure before the first byte that a peer
+    region might not have (no replica, every replica failed) is left in `ctx.local_failure`
+    along with the answer."""
     gw.request_started(ctx)
     if ctx.stream:
         return await _stream(gw, ctx, request)
@@ -262,6 +349,7 @@ async def _stream(gw: Gateway, ctx: RequestContext, request: Request) -> Respons
         return Response(status_code=499)
     except (Shed, NoReplica, DeadlineExceeded, UpstreamError) as exc:
         gw.request_ended(ctx)
+        ctx.local_failure = _local_failure(exc)
         return _failure_response(gw, ctx, exc)
     except BaseException:
         gw.request_ended(ctx)
@@ -277,6 +365,16 @@ async def _stream(gw: Gateway, ctx: RequestContext, request: Request) -> Respons
         media_type="text/event-stream",
         headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"},
     )
+
+
+def _local_failure(exc: Exception) -> Exception | None:
+    """`exc` if another region might serve what the local replicas did not: none accepted
+    work, or they failed (not the request's own error, not a deadline, not load shedding)."""
+    if isinstance(exc, NoReplica):
+        return exc
+    if isinstance(exc, UpstreamError) and exc.replica_failed:
+        return exc
+    return None
 
 
 def _failure_response(
@@ -360,7 +458,8 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
                 retries += 1
                 gw.metrics.retries.labels(exc.reason).inc()
                 await asyncio.sleep(gw.config.backoff(retries))
-                replica = await gw.route_now(ctx.route_request(), ctx.deadline)
+                fail_over = gw.can_fail_over(ctx.spilled_from)
+                replica = await gw.route_now(ctx.route_request(), ctx.deadline, fail_over)
                 continue
             outcome = Outcome.SUCCESS if resp.status_code == 200 else Outcome.NEUTRAL
             gw.release(replica, outcome, gw.clock() - started, ctx.route.request_id)
@@ -386,6 +485,7 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
     except (Shed, NoReplica, DeadlineExceeded, UpstreamError) as exc:
         status = failure_status(exc)
         used = 0  # the client received nothing: its key is not charged for it
+        ctx.local_failure = _local_failure(exc)
         return _failure_response(gw, ctx, exc)
     finally:
         if replica is not None:

@@ -93,7 +93,11 @@ class StreamSession:
                         "request %s: retry %d after %s", self.ctx.request_id, self.retries, exc
                     )
                     await asyncio.sleep(self.gw.config.backoff(self.retries))
-                    replica = await self.gw.route_now(self.ctx.route_request(), self.ctx.deadline)
+                    replica = await self.gw.route_now(
+                        self.ctx.route_request(),
+                        self.ctx.deadline,
+                        fail_over=self.gw.can_fail_over(self.ctx.spilled_from),
+                    )
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._close(ok=False, status=failure_status(exc))
