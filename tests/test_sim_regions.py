@@ -172,9 +172,7 @@ def test_files_load_from_yaml_and_json_and_bad_prices_are_named(tmp_path):
     spec = regions_from_mapping(world())
     with pytest.raises(ValueError, match="no price for region 'b'"):
         check_prices(spec, prices_from_mapping({"a": {"on_demand_per_h": 1.0}}))
-    spot = regions_from_mapping(
-        world(regions=[{"name": "a", "spot_fraction": 0.5}], rtt_ms={})
-    )
+    spot = regions_from_mapping(world(regions=[{"name": "a", "spot_fraction": 0.5}], rtt_ms={}))
     with pytest.raises(ValueError, match="has no spot_per_h"):
         check_prices(spot, prices_from_mapping({"a": {"on_demand_per_h": 1.0}}))
 
@@ -248,13 +246,11 @@ def test_spill_beats_local_on_ttft_p99_under_a_regional_burst():
     assert p99["spill"] < 0.5 * p99["local"], p99
     by_region = spill.report["regions"]["by_region"]
     assert by_region["a"]["spilled_out"] > 0
-    assert by_region["b"]["spilled_in"] + by_region["c"]["spilled_in"] == by_region["a"][
-        "spilled_out"
-    ]
+    assert (
+        by_region["b"]["spilled_in"] + by_region["c"]["spilled_in"] == by_region["a"]["spilled_out"]
+    )
     # a spilled request pays the round trip: nothing spilled to b answers faster than 80 ms
-    spilled = [
-        x for x in spill.report["requests"] if x["region"] == "a" and x["served_by"] == "b"
-    ]
+    spilled = [x for x in spill.report["requests"] if x["region"] == "a" and x["served_by"] == "b"]
     assert spilled and min(x["ttft_ms"] for x in spilled) >= 80.0
 
 
