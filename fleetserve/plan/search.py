@@ -9,11 +9,12 @@ found with the simulator.
    replicas) and bisecting. Every window is memoized by (rate, size).
 3. Candidate day plans, each checked by simulating the whole day with every region, the
    regions file's policy, spot preemptions and outages: `hourly` (step 2's sizes; a region
-   that misses its SLOs over the day gets one more replica at every hour, up to `repairs`
-   times), `hourly-shared` (one fewer at each region's peak hours, betting on spill to
-   regions in their night) and `flat` (each region at its peak size all day). The cheapest
-   that meets the SLOs in every region wins; the others are the runners-up. `smaller` (one
-   fewer replica at every hour of the winner that has more than one) shows the margin.
+   that misses its SLOs over the day gets one more replica in the hours where its users
+   missed them, up to `repairs` times), `hourly-shared` (one fewer at each region's peak
+   hours, betting on spill to regions in their night) and `flat` (each region at its peak
+   size all day). The cheapest that meets the SLOs in every region wins; the others are the
+   runners-up. `smaller` (one fewer replica at every hour of the winner that has more than
+   one) shows the margin.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Candidate:
     usd_per_million_output_tokens: float | None = None
     replica_hours: float = 0.0
     by_region: dict[str, Any] = field(default_factory=dict)
+    missed_hours: dict[str, set[int]] = field(default_factory=dict)  # of regions that missed
 
     def record(self) -> dict[str, Any]:
         return {
@@ -199,6 +201,11 @@ class Planner:
         regions_report = run.report["regions"]
         by_region = regions_report["by_region"]
         total = regions_report["total"]
+        missed = {
+            n: self._hours_missed(r.client.results, spec)
+            for n, r in run.world.regions.items()
+            if not by_region[n]["meets_slo"]
+        }
         return Candidate(
             name,
             sizes,
@@ -207,7 +214,27 @@ class Planner:
             usd_per_million_output_tokens=total["usd_per_million_output_tokens"],
             replica_hours=sum(sum(r["replica_hours"].values()) for r in by_region.values()),
             by_region=by_region,
+            missed_hours=missed,
         )
+
+    def _hours_missed(self, results, spec: RegionsSpec) -> set[int]:
+        """UTC hours in which a region's users missed an objective by themselves: more than
+        1 - q of the hour's requests past the limit of a q-quantile objective (a failed
+        request misses every one). All hours when no single hour does."""
+        per_hour: dict[int, list] = {}
+        for r in results:
+            per_hour.setdefault(int(spec.utc_hour(r.start_s)) % HOURS, []).append(r)
+        missed = set()
+        for hour, rs in per_hour.items():
+            for metric, q, limit in self.slo.objectives:
+                late = sum(
+                    1
+                    for r in rs
+                    if not r.ok or (getattr(r, metric) is not None and getattr(r, metric) > limit)
+                )
+                if late > (1 - q) * len(rs):
+                    missed.add(hour)
+        return missed or set(range(HOURS))
 
     def plan(self) -> PlanResult:
         start = time.perf_counter()
@@ -218,9 +245,10 @@ class Planner:
             last = checked[-1]
             if last.meets:
                 break
-            failing = {n for n, r in last.by_region.items() if not r["meets_slo"]}
             bumped = {
-                n: tuple(s + 1 for s in sizes) if n in failing else sizes
+                n: tuple(
+                    s + 1 if h in last.missed_hours.get(n, ()) else s for h, s in enumerate(sizes)
+                )
                 for n, sizes in last.sizes.items()
             }
             checked.append(self.check_day(f"hourly+{len(checked)}", bumped))

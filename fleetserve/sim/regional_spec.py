@@ -226,9 +226,14 @@ def read_mapping(path: Path, what: str) -> dict:
     return data
 
 
-def _only(where: str, data: Any, known: set[str]) -> dict:
+def _mapping(where: str, data: Any) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {data!r}")
+    return data
+
+
+def _only(where: str, data: Any, known: set[str]) -> dict:
+    _mapping(where, data)
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -300,10 +305,8 @@ def regions_from_mapping(data: dict, where: str = "regions file") -> RegionsSpec
             )
         )
     rtt: dict[tuple[str, str], float] = {}
-    for a, row in _only(
-        f"{where}: rtt_ms", data.get("rtt_ms", {}), set(data.get("rtt_ms", {}))
-    ).items():
-        for b, ms in _only(f"{where}: rtt_ms.{a}", row, set(row or {})).items():
+    for a, row in _mapping(f"{where}: rtt_ms", data.get("rtt_ms") or {}).items():
+        for b, ms in _mapping(f"{where}: rtt_ms.{a}", row).items():
             seconds = _number(f"{where}: rtt_ms {a}-{b}", ms) / 1000
             rtt[(a, b)] = rtt[(b, a)] = seconds
     outages = []

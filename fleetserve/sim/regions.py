@@ -274,9 +274,8 @@ class SimRegion:
     def receive(self, stream: SimStream, origin: str) -> None:
         """A request a peer spilled here: pinned (the policy never sends it on)."""
         self.stats.spilled_in += 1
-        choice = self.policy.choose(
-            RegionRequest(len(stream.prompt_ids), origin), self.view(self.name, None), [], 0.0
-        )
+        request = RegionRequest(len(stream.prompt_ids), origin)
+        choice = self.policy.choose(request, self.view(self.name, None), [], self.loop.now)
         assert choice.region == self.name and choice.reason == "pinned", choice
         if self.dark:
             stream.finish(self.loop.now, "http_503", f"peer region {self.name} is dark")
