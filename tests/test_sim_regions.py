@@ -312,3 +312,18 @@ def test_plan_slo_counts_failed_requests_as_never_answered():
     slo = PlanSLO((("ttft_s", 0.5, 10.0),))
     report = run(world(hours=2), slo=slo).report
     assert all(r["meets_slo"] for r in report["regions"]["by_region"].values())
+
+
+def test_an_autoscaled_region_grows_under_its_peak():
+    hourly = [1.0] * 24
+    hourly[2] = 12.0
+    region = {
+        "name": "a",
+        "traffic": {"hourly": hourly},
+        "autoscale": {"min": 1, "max": 4, "target_concurrency": 2},
+    }
+    sim = run(world(hours=4, regions=[region], rtt_ms={}), prices=None)
+    ups = [e for e in sim.world.regions["a"].fleet.scale_events if e["direction"] == "up"]
+    assert ups and max(e["to"] for e in ups) > 1
+    requests = sim.report["summary"]["requests"]
+    assert requests["completed"] == requests["sent"]
