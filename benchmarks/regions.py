@@ -1,7 +1,7 @@
 """A simulated day of three regions eight time zones apart: the regional policies side by
 side, and the capacity planner's plan checked in simulation.
 
-    .venv/bin/python benchmarks/regions.py            # about 10 minutes on 2 busy cores
+    .venv/bin/python benchmarks/regions.py            # about 6 minutes on 2 busy cores
     .venv/bin/python benchmarks/regions.py --day-s 240 --peak-rps 4   # a quick look
 
 The world: us-west (UTC-8), eu-west (UTC+0) and ap-southeast (UTC+8), round trips of

@@ -297,7 +297,12 @@ def test_hourly_sizes_follow_the_schedule_with_a_cold_start_ahead():
 def test_predicted_wait_is_zero_with_a_free_slot_and_grows_with_the_queue():
     sim = run(world(hours=1), prices=None)
     dispatcher = sim.world.regions["a"].gateway.dispatcher
-    assert predicted_wait(dispatcher, sim.world.loop.now) == 0.0
+    now = sim.world.loop.now
+    slots = dispatcher.router.total_slots(dispatcher.views(now))
+    assert predicted_wait(dispatcher, now) == 0.0
+    # requests on their way here take the free slots first
+    assert predicted_wait(dispatcher, now, arriving=slots - 1) == 0.0
+    assert predicted_wait(dispatcher, now, arriving=slots) > 0.0
     for replica in dispatcher.replicas.values():
         replica.outstanding = dispatcher.router.max_outstanding
     full = predicted_wait(dispatcher, sim.world.loop.now)

@@ -7,9 +7,10 @@ each request goes.
 
 - Where: a region's front asks its `RegionalPolicy` with a `RegionView` per region. A view's
   `predicted_wait_s` is what the region's `Dispatcher` would predict for a new request,
-  as `Dispatcher.submit` computes it (`predicted_wait`): zero while a replica has a free slot
-  and nobody queues, else the wait estimator over the queue ahead and the slots; with no
-  slot, the cold start. `healthy`: not dark, and a replica ready or loading.
+  as `Dispatcher.submit` computes it (`predicted_wait`), counting the requests peers have
+  spilled to it that are still on their way: zero while they leave a slot free and nobody
+  queues, else the wait estimator over the queue ahead and the slots; with no slot, the
+  cold start. `healthy`: not dark, and a replica ready or loading.
 - A spilled request reaches the peer's gateway half a round trip later and is pinned there
   (the peer's policy sees `spilled_from`); its tokens reach the user half a round trip after
   the peer produced them, so TTFT and end times carry the whole round trip.
@@ -63,20 +64,26 @@ _REGION_STREAM = 7_001  # RNG stream ids, apart from bench's
 _SPOT_STREAM = 7_002
 
 
-def predicted_wait(dispatcher: Dispatcher, now: float) -> float:
+def predicted_wait(dispatcher: Dispatcher, now: float, arriving: int = 0) -> float:
     """Seconds a new request would wait for a replica slot, as `Dispatcher.submit` predicts
-    it: none while nobody queues and a replica has a free slot; else the wait estimator over
-    the queue and the slots; with no slot at all, the cold start (inf: nothing is coming)."""
+    it, behind `arriving` requests already on their way here (spilled by peers, not yet
+    arrived): none while they leave a slot free and nobody queues; else the wait estimator
+    over the queue ahead and the slots; with no slot at all, the cold start (inf: nothing is
+    coming). The live gateway's `Dispatcher.predicted_wait` computes the same."""
     views = dispatcher.views(now)
     limit = dispatcher.router.max_outstanding
     queued = len(dispatcher.queue)
-    if not queued and any(v.accepting and v.outstanding < limit for v in views):
+    free = 0
+    if not queued:
+        free = sum(max(limit - v.outstanding, 0) for v in views if v.accepting)
+    ahead = queued + arriving - free
+    if ahead < 0:
         return 0.0
     slots = dispatcher.router.total_slots(views)
     if slots == 0:
         cold = dispatcher.cold_start_wait(now)
-        return math.inf if cold is None else cold + dispatcher.waits.predict_wait(queued, limit)
-    return dispatcher.waits.predict_wait(queued, slots)
+        return math.inf if cold is None else cold + dispatcher.waits.predict_wait(ahead, limit)
+    return dispatcher.waits.predict_wait(ahead, slots)
 
 
 def arrival_times(
@@ -126,6 +133,7 @@ class SimRegion:
         self.loop = world.loop
         self.stats = RegionStats()
         self.dark = False
+        self.arriving = 0  # requests peers sent here that have not arrived yet
         self.kind: dict[str, str] = {}  # replica id -> "spot" | "on_demand"
         template = world.fleet_template
         self.gateway = SimGateway(self.loop, template.gateway)
@@ -237,7 +245,7 @@ class SimRegion:
         return RegionView(
             self.name,
             self.world.spec.rtt(origin, self.name),
-            predicted_wait(self.gateway.dispatcher, now) if not self.dark else math.inf,
+            math.inf if self.dark else predicted_wait(self.gateway.dispatcher, now, self.arriving),
             self.healthy,
             cached,
         )
@@ -269,11 +277,13 @@ class SimRegion:
             return
         half = self.world.spec.rtt(self.name, target.name) / 2
         self._account(stream, target, half)
+        target.arriving += 1
         self.loop.call_later(half, target.receive, stream, self.name)
 
     def receive(self, stream: SimStream, origin: str) -> None:
         """A request a peer spilled here: pinned (the policy never sends it on)."""
         self.stats.spilled_in += 1
+        self.arriving -= 1
         request = RegionRequest(len(stream.prompt_ids), origin)
         choice = self.policy.choose(request, self.view(self.name, None), [], self.loop.now)
         assert choice.region == self.name and choice.reason == "pinned", choice
