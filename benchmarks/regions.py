@@ -51,8 +51,9 @@ from fleetserve.bench.tokenizer import WordTokenizer  # noqa: E402
 from fleetserve.gateway.config import GatewayConfig  # noqa: E402
 from fleetserve.perf.cost_model import CostModel  # noqa: E402
 from fleetserve.plan.search import Planner  # noqa: E402
+from fleetserve.sim.regional_report import PlanSLO  # noqa: E402
 from fleetserve.sim.regional_spec import prices_from_mapping, regions_from_mapping  # noqa: E402
-from fleetserve.sim.regions import PlanSLO, simulate_regions  # noqa: E402
+from fleetserve.sim.regions import simulate_regions  # noqa: E402
 from fleetserve.sim.replica import EngineSettings  # noqa: E402
 from fleetserve.sim.simulator import FleetSpec  # noqa: E402
 

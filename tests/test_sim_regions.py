@@ -20,6 +20,7 @@ from fleetserve.bench.config import (
 from fleetserve.bench.tokenizer import WordTokenizer
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.perf.cost_model import CostModel
+from fleetserve.sim.regional_report import PlanSLO, slo_quantile
 from fleetserve.sim.regional_spec import (
     TrafficCurve,
     check_prices,
@@ -28,7 +29,7 @@ from fleetserve.sim.regional_spec import (
     prices_from_mapping,
     regions_from_mapping,
 )
-from fleetserve.sim.regions import PlanSLO, predicted_wait, simulate_regions, slo_quantile
+from fleetserve.sim.regions import predicted_wait, simulate_regions
 from fleetserve.sim.replica import EngineSettings
 from fleetserve.sim.simulator import FleetSpec
 

@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def slo_from_args(args: argparse.Namespace):
-    from fleetserve.sim.regions import PlanSLO
+    from fleetserve.sim.regional_report import PlanSLO
 
     objectives = []
     for flag, metric, q in _OBJECTIVES:

@@ -28,6 +28,7 @@ from typing import Any
 
 from fleetserve.bench.config import BenchSpec
 from fleetserve.bench.tokenizer import TextSource
+from fleetserve.sim.regional_report import PlanSLO
 from fleetserve.sim.regional_spec import (
     HOURS,
     Price,
@@ -35,7 +36,7 @@ from fleetserve.sim.regional_spec import (
     RegionsSpec,
     TrafficCurve,
 )
-from fleetserve.sim.regions import PlanSLO, simulate_regions
+from fleetserve.sim.regions import simulate_regions
 from fleetserve.sim.simulator import FleetSpec
 
 Sizes = dict[str, tuple[int, ...]]  # region -> replicas by UTC hour

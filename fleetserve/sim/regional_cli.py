@@ -46,7 +46,8 @@ def load_regional(args: argparse.Namespace):
 def run_regional(regional, bench, fleet_spec, text_source) -> int:
     from fleetserve.bench.plots import write_plots
     from fleetserve.bench.report import summary_table, write_report
-    from fleetserve.sim.regions import default_slo, simulate_regions
+    from fleetserve.sim.regional_report import default_slo
+    from fleetserve.sim.regions import simulate_regions
 
     spec, prices = regional
     start = time.perf_counter()
