@@ -13,7 +13,8 @@ simulated second), because the simulator runs some hundreds of requests a wall s
 a real day at real rates would take hours. Prices are per hour of the day, so the $ are
 those of a day of this (small) fleet. The replicas are a synthetic cost model (not a
 measured one): 30 ms a step, 0.2 ms a token, 0.5 ms a sampled sequence, 0.1 us a
-context token: about 5 requests/s per replica on this workload.
+context token (at TTFT p99 <= 500 ms a replica serves about 2.7 requests/s of this
+workload: the plan needs 3 for 8 requests/s).
 
 1. policies: the same fixed fleet (`--replicas` per region all day) under `local`,
    `least_load` and `spill`: TTFT p99 of each region's users, requests spilled, cost; then
