@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "bench": "fleetserve.bench.cli",
     "simulate": "fleetserve.sim.cli",
     "profile": "fleetserve.perf.cli",
+    "plan": "fleetserve.plan.cli",
 }
 
 
@@ -68,6 +69,7 @@ _HELP = {
     "bench": "load-test an OpenAI-compatible endpoint and report latency and throughput",
     "simulate": "run a bench workload against a simulated fleet (virtual time, cost model)",
     "profile": "measure the engine's step times and fit a cost model for fleetserve simulate",
+    "plan": "the cheapest fleet per region and hour that meets TTFT/TPOT SLOs (simulated)",
 }
 
 

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fleetserve.bench.cli import _add_run_arguments
+    from fleetserve.sim import regional_cli
 
     parser = subparsers.add_parser(
         "simulate",
@@ -56,12 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     engine.add_argument("--max-num-seqs", type=int)
     engine.add_argument("--max-num-batched-tokens", type=int)
     engine.add_argument("--max-model-len", type=int)
+    regional_cli.add_arguments(parser)
 
     def main(args: argparse.Namespace) -> int:
         try:
             bench, fleet_spec, text_source = build_specs(args)
+            regional = regional_cli.load_regional(args)
         except (ValueError, OSError) as exc:
             parser.error(str(exc))
+        if regional is not None:
+            return regional_cli.run_regional(regional, bench, fleet_spec, text_source)
         return run(bench, fleet_spec, text_source)
 
     parser.set_defaults(func=main)

@@ -147,6 +147,28 @@ class SimGateway:
             self._release(replica, Outcome.NEUTRAL, stream)
             self._migrate(stream, replica_id)
 
+    def go_dark(self, detail: str) -> None:
+        """The whole region is lost, this gateway with it: every replica dies, and every
+        stream it holds (running, queued, or parked for a migration) ends now."""
+        for replica_id, replica in self.replicas.items():
+            replica.down, replica.ready = True, False
+            replica.prefix.clear()
+            self.engines[replica_id].restart()
+        for stream in list(self._by_engine_id.values()):
+            replica = stream.replica
+            self._detach(stream)
+            self._release(replica, Outcome.NEUTRAL, stream)
+            self._end(stream, "connection_lost", detail)
+        for ticket, stream in list(self._tickets.items()):
+            self.dispatcher.withdraw(ticket)
+            stream.ticket = None
+            self._end(stream, "http_503", detail)
+        self._tickets.clear()
+        for stream, _ in self._parked:
+            if not stream.done:
+                self._end(stream, "connection_lost" if stream.output_ids else "http_503", detail)
+        self._parked = []
+
     def changed(self) -> None:
         """A replica may have become usable: serve the queue and parked migrations."""
         self._hand_out(self.dispatcher.grant(self.loop.now))

@@ -1,0 +1,1 @@
+"""`fleetserve plan`: the capacity planner over the regional simulator."""
