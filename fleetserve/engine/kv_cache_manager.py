@@ -65,12 +65,15 @@ class KVCacheManager:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (one is reserved), got {self.num_blocks}")
-        self.blocks = [Block(i) for i in range(self.num_blocks)]
-        # Unreferenced blocks, least recently used first. Cached ones stay findable here.
-        self.free_queue: OrderedDict[int, Block] = OrderedDict(
-            (b.block_id, b) for b in self.blocks[1:]
-        )
-        self.blocks[NULL_BLOCK_ID].ref_cnt = 1  # never freed, never allocated
+        # The pool is lazy: a block object exists once it is first handed out (or looked
+        # at through `blocks`). Ids >= `_next_fresh` were never allocated; they lead the
+        # free queue in id order, since every freed block joins behind them. So a cache of
+        # thousands of blocks costs nothing to build (a simulated fleet builds 1,000).
+        self._pool: list[Block] = [Block(NULL_BLOCK_ID, ref_cnt=1)]  # never freed, never allocated
+        self._next_fresh = 1
+        # Unreferenced blocks that were used once, least recently used first. Cached ones
+        # stay findable here.
+        self._free: OrderedDict[int, Block] = OrderedDict()
         self.cached: dict[int, Block] = {}
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_num_cached: dict[str, int] = {}  # leading blocks already registered
@@ -84,7 +87,23 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return len(self._free) + self.num_blocks - self._next_fresh
+
+    @property
+    def free_queue(self) -> list[int]:
+        """Ids of the free blocks in the order they will be taken (never-used ones first,
+        then the least recently freed). Builds a list: for tests and debugging."""
+        return [*range(self._next_fresh, self.num_blocks), *self._free]
+
+    @property
+    def blocks(self) -> list[Block]:
+        """Every block, by id (materializes the whole pool: for tests and debugging)."""
+        self._materialize(self.num_blocks)
+        return self._pool
+
+    def _materialize(self, end: int) -> None:
+        pool = self._pool
+        pool.extend(Block(i) for i in range(len(pool), end))
 
     @property
     def usage(self) -> float:
@@ -209,11 +228,20 @@ class KVCacheManager:
 
     def _touch(self, block: Block) -> None:
         if block.ref_cnt == 0:
-            del self.free_queue[block.block_id]
+            del self._free[block.block_id]
         block.ref_cnt += 1
 
     def _pop_free(self) -> Block:
-        _, block = self.free_queue.popitem(last=False)  # least recently used
+        fresh = self._next_fresh
+        if fresh < self.num_blocks:  # never used: no cache entry to evict
+            self._next_fresh = fresh + 1
+            pool = self._pool
+            if fresh >= len(pool):
+                self._materialize(fresh + 1)
+            block = pool[fresh]
+            block.ref_cnt = 1
+            return block
+        _, block = self._free.popitem(last=False)  # least recently used
         if block.block_hash is not None:  # evict its cache entry
             del self.cached[block.block_hash]
             if self.record_events:
@@ -232,7 +260,7 @@ class KVCacheManager:
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
             if block.ref_cnt == 0:
-                self.free_queue[block.block_id] = block
+                self._free[block.block_id] = block
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block. Only possible when no request holds blocks."""
