@@ -118,7 +118,10 @@ class KVCacheManager:
     # ---- prefix cache ----------------------------------------------------------------------
 
     def _update_hashes(self, request: Request) -> None:
-        if self.enable_prefix_caching:
+        if (
+            self.enable_prefix_caching
+            and len(request.all_token_ids) >= (len(request.block_hashes) + 1) * self.block_size
+        ):  # (a block was filled since: hashing copies the chain, so not on every step)
             request.block_hashes = hash_block_chain(
                 request.all_token_ids,
                 self.block_size,
@@ -158,7 +161,20 @@ class KVCacheManager:
         among the tokens of this step are registered in the prefix cache: the attention
         backend writes all new K/V of a step before any attention reads it, so a request
         scheduled later in the same step may already reuse them."""
-        blocks = self.req_blocks.get(request.request_id, [])
+        blocks = self.req_blocks.get(request.request_id)
+        if blocks is not None and not computed_blocks:
+            # A request that holds blocks (a decode or a later prefill chunk, every step):
+            # its table grows in place, and nothing is registered until a block fills.
+            total = request.num_computed_tokens + num_new_tokens
+            num_new_blocks = -(-total // self.block_size) - len(blocks)
+            if num_new_blocks > 0:
+                if num_new_blocks > self.num_free_blocks:
+                    return False
+                blocks.extend([self._pop_free() for _ in range(num_new_blocks)])
+            if total // self.block_size > self.req_num_cached[request.request_id]:
+                self._cache_full_blocks(request, total)
+            return True
+        blocks = blocks or []
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         num_new_blocks = self.blocks_needed(total) - len(blocks) - len(computed_blocks)

@@ -26,8 +26,11 @@ class LoadStats:
     refused: bool = False  # the replica answered 401/403: the gateway's key is not its operator's
 
     def __setattr__(self, name: str, value: object) -> None:
+        state = self.__dict__
+        if name in state and state[name] == value:
+            return  # unchanged: the replica's view stays valid
         object.__setattr__(self, name, value)
-        owner = self.__dict__.get("_owner")
+        owner = state.get("_owner")
         if owner is not None:
             owner._changed()
 
@@ -121,9 +124,10 @@ class Replica:
         elif name == "breaker":
             value.on_change = self._changed
         object.__setattr__(self, name, value)
-        listener = self.__dict__.get("on_change")
-        if listener is not None:
-            listener(self.id)
+        if name in _VIEW_FIELDS:
+            listener = self.__dict__.get("on_change")
+            if listener is not None:
+                listener(self.id)
 
     def _changed(self) -> None:
         listener = self.__dict__.get("on_change")
@@ -172,6 +176,14 @@ class Replica:
             prefix=PrefixView(self.prefix) if self.supports_extensions else EMPTY_PREFIX,
             pending_prefill_tokens=sum(self.prefilling.values()),
         )
+
+
+# The fields `view` reads (besides `load`, `prefilling` and the breaker's state, which
+# announce their own changes): setting any other field leaves the view as it was.
+_VIEW_FIELDS = frozenset(
+    {"id", "url", "kind", "outstanding", "ready", "down", "draining", "load", "prefilling"}
+    | {"breaker", "prefix"}
+)
 
 
 def check_replica_url(url: str) -> str:
