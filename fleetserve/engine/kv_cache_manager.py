@@ -76,6 +76,7 @@ class KVCacheManager:
         self._free: OrderedDict[int, Block] = OrderedDict()
         self.cached: dict[int, Block] = {}
         self.req_blocks: dict[str, list[Block]] = {}
+        self._req_ids: dict[str, list[int]] = {}  # req_blocks as ids (a table every step)
         self.req_num_cached: dict[str, int] = {}  # leading blocks already registered
         self.events: list[KVEvent] = []
 
@@ -110,7 +111,8 @@ class KVCacheManager:
         return 1.0 - self.num_free_blocks / self.num_usable_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        ids = self._req_ids.get(request_id)
+        return [] if ids is None else ids.copy()
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -170,7 +172,9 @@ class KVCacheManager:
             if num_new_blocks > 0:
                 if num_new_blocks > self.num_free_blocks:
                     return False
-                blocks.extend([self._pop_free() for _ in range(num_new_blocks)])
+                new = [self._pop_free() for _ in range(num_new_blocks)]
+                blocks.extend(new)
+                self._req_ids[request.request_id].extend([b.block_id for b in new])
             if total // self.block_size > self.req_num_cached[request.request_id]:
                 self._cache_full_blocks(request, total)
             return True
@@ -186,6 +190,7 @@ class KVCacheManager:
             self._touch(block)
         blocks = blocks + list(computed_blocks) + [self._pop_free() for _ in range(num_new_blocks)]
         self.req_blocks[request.request_id] = blocks
+        self._req_ids[request.request_id] = [b.block_id for b in blocks]
         if not self.req_num_cached.get(request.request_id):
             self.req_num_cached[request.request_id] = len(computed_blocks)
         self._cache_full_blocks(request, total)
@@ -271,6 +276,7 @@ class KVCacheManager:
         Tail blocks go to the free queue first so that they are evicted before the shared
         heads of a prefix."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self._req_ids.pop(request.request_id, None)
         self.req_num_cached.pop(request.request_id, None)
         for block in reversed(blocks):
             block.ref_cnt -= 1

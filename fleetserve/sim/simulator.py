@@ -81,6 +81,7 @@ class Simulation:
 def simulate(bench: BenchSpec, fleet_spec: FleetSpec, text_source: TextSource) -> Simulation:
     loop = EventLoop()
     gateway = SimGateway(loop, fleet_spec.gateway)
+    gateway.track_latency = fleet_spec.autoscaling is not None
     cores = fleet_spec.shared_cores
     shared = SharedCores(cores) if cores is not None else None
 
