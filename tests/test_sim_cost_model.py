@@ -134,3 +134,19 @@ def test_serving_costs_add_per_step_and_per_output_token_and_round_trip(tmp_path
         bare.with_serving(step_s=0.0, token_s=-1.0)
     with pytest.raises(ValueError, match="serving terms"):
         CostModel({"base": 0.02}, serving={"per_byte": 1.0})
+
+
+def test_repeated_passes_keep_each_steps_fastest_time():
+    from fleetserve.perf.profile import fastest_of_repeats
+
+    a, b = StepShape(16, 1, 16, 256), StepShape(1, 1, 17, 0)
+    passes = [
+        StepSample(a, 0.30),
+        StepSample(b, 0.05),  # first pass
+        StepSample(a, 0.10),
+        StepSample(b, 0.09),  # second pass: another process ran during the decode
+    ]
+    assert fastest_of_repeats(passes, 2) == [StepSample(a, 0.10), StepSample(b, 0.05)]
+    assert fastest_of_repeats(passes, 1) == passes
+    swapped = passes[:2] + passes[2:][::-1]  # passes of different shapes: all kept
+    assert fastest_of_repeats(swapped, 2) == swapped

@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--repeats",
         type=int,
         default=1,
-        help="run the grid this many times (more samples for the fit: steadier on a busy machine)",
+        help="run the grid this many times and fit each step's fastest time (steadier on a "
+        "busy machine)",
     )
 
     def main(args: argparse.Namespace) -> int:
