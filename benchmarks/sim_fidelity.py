@@ -17,7 +17,10 @@ Each row prints TTFT p50/p90, TPOT p50, output tokens/s, the prefix-cache hit ra
 replicas' /metrics counters; simulated: the engines' own) and errors, real vs simulated, with
 the relative error. The bench.json files stay under --out for `fleetserve bench compare`.
 Every real replica computes on one thread (`--num-threads 1`), as the profile must: profile
-with `fleetserve profile --num-threads 1`.
+with `fleetserve profile --num-threads 1`. `--calibrate` first fits what serving adds to the
+profiled step (per step and per output token, on separate closed-loop runs) and simulates
+with it. The three real replicas share this machine's cores, and so do the simulated ones
+(`fleetserve simulate --shared-cores`).
 """
 
 from __future__ import annotations
@@ -178,6 +181,38 @@ def _hit_rate(before: tuple[float, float], after: tuple[float, float]) -> float 
     return (after[1] - before[1]) / queries if queries else None
 
 
+CALIBRATION = ((1, 8), (8, 16))  # (closed-loop concurrency, requests)
+
+
+def calibrate_serving(cost_model: Path, common: list[str], out: Path) -> Path:
+    """What serving adds to `core.step()`, fitted on a served replica: two closed loops of
+    random 128 -> 64 requests, at concurrency 1 and 8, run for real and simulated with the
+    bare cost model. A decode step of b sequences takes `step_s + b x token_s` more for real
+    than the profile says (the engine-core loop's IPC per step; the front end's
+    detokenizing and streaming per output token, on the same cores), so the two TPOT gaps
+    give both. Writes the cost model with them (`serving`) beside the runs and returns it.
+    Separate runs from the rows it is then checked on."""
+    from fleetserve.perf.cost_model import CostModel
+
+    gaps = []
+    for concurrency, n in CALIBRATION:
+        flags = [*common, *SINGLE, "--num-requests", str(n), "--concurrency", str(concurrency)]
+        label = f"calibrate-c{concurrency}"
+        real, _ = real_single(flags, out / f"{label}-real", f"{label}-real")
+        sim = simulate(cost_model, flags, out / f"{label}-sim", f"{label}-sim")
+        r, m = lookup(real, ("tpot_ms", "p50")), lookup(sim, ("tpot_ms", "p50"))
+        print(f"calibration, concurrency {concurrency}: TPOT p50 real {r:.1f} ms, bare {m:.1f} ms")
+        gaps.append((concurrency, (r - m) / 1e3))
+    (b1, g1), (b2, g2) = gaps
+    token_s = max((g2 - g1) / (b2 - b1), 0.0)
+    step_s = max(g1 - token_s * b1, 0.0)
+    served = CostModel.load(cost_model).with_serving(step_s, token_s)
+    path = out / f"{cost_model.stem}-served.json"
+    served.save(path)
+    print(f"serving costs: {step_s * 1e3:.2f} ms a step + {token_s * 1e3:.2f} ms an output token")
+    return path
+
+
 def sustained_rate(cost_model: Path, common: list[str], out: Path) -> float:
     """Requests/s one simulated replica sustains in a closed loop of 32."""
     flags = [*common, *SINGLE, "--num-requests", "64", "--concurrency", "32"]
@@ -227,6 +262,19 @@ def main() -> int:
     parser.add_argument("--num-conversations", type=int, default=16)
     parser.add_argument("--multi-turn-rate", type=float, default=0.5, help="conversations/s")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="first fit the serving costs (per step, per output token) on a served replica "
+        "and simulate with them (see calibrate_serving)",
+    )
+    parser.add_argument(
+        "--shared-cores",
+        type=float,
+        default=os.cpu_count(),
+        help="cores the three real replicas share (this machine's): the simulated ones share "
+        "as many",
+    )
     args = parser.parse_args()
     # A timeout's SIGTERM must still stop the servers (the `finally` blocks run on SystemExit).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -242,6 +290,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     lines = ["| row | metric | real | simulated | error |", "|---|---|---|---|---|"]
     capacity = None
+    if args.calibrate:
+        args.cost_model = calibrate_serving(args.cost_model, common, args.out)
     for row in rows:
         if row in LOAD_FACTORS:
             if capacity is None:
@@ -263,7 +313,7 @@ def main() -> int:
                 flags,
                 args.out / f"{row}-sim",
                 f"{row}-sim",
-                *["--replicas", "3", "--router", row],
+                *["--replicas", "3", "--router", row, "--shared-cores", str(args.shared_cores)],
             )
         sim_hits = sim["simulation"]["prefix_cache"]["hit_rate"]
         lines += row_table(row, real, sim, real_hits, sim_hits)

@@ -6,7 +6,9 @@ of 1, 100 and 1,000 replicas, and where the time goes.
 
 Each fleet gets Poisson arrivals of random 128-token prompts and 64-token answers at
 `--load` (default half) of the rate one replica sustains, times the replica count, with the
-prefix-aware router; `--requests` requests per run, `--repeats` runs, median and spread.
+prefix-aware router; `--requests` requests per run (at least `--per-replica` per replica,
+so that a big fleet reaches its steady state instead of timing its first requests),
+`--repeats` runs, median and spread.
 The ratio printed is against Vidur's 12-24k simulated requests per minute per core measured
 on this kind of machine (the upper end, 400 requests/s).
 """
@@ -69,6 +71,9 @@ def main() -> int:
     parser.add_argument("--cost-model", type=Path, required=True)
     parser.add_argument("--replicas", default="1,100,1000")
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument(
+        "--per-replica", type=int, default=10, help="requests per replica, at least"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--load", type=float, default=0.5, help="of one replica's capacity")
     parser.add_argument("--profile", type=int, help="cProfile one run of this fleet size")
@@ -85,15 +90,16 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for replicas in [int(r) for r in args.replicas.split(",")]:
         rate = args.load * capacity * replicas
+        n = max(args.requests, args.per_replica * replicas)
         walls, virtual = [], 0.0
         for seed in range(args.repeats):
-            wall, sim = one_run(cost_model, replicas, rate, args.requests, seed)
+            wall, sim = one_run(cost_model, replicas, rate, n, seed)
             walls.append(wall)
             virtual = sim.report["summary"]["duration_s"]
-        speeds = sorted(args.requests / w for w in walls)
+        speeds = sorted(n / w for w in walls)
         median = statistics.median(speeds)
         print(
-            f"| {replicas} | {args.requests} | {virtual:.1f} | {statistics.median(walls):.1f} | "
+            f"| {replicas} | {n} | {virtual:.1f} | {statistics.median(walls):.1f} | "
             f"{median:.0f} ({speeds[0]:.0f}-{speeds[-1]:.0f}), "
             f"{median / VIDUR_REQUESTS_PER_S:.2f}x Vidur |",
             flush=True,
@@ -102,7 +108,9 @@ def main() -> int:
         rate = args.load * capacity * args.profile
         profiler = cProfile.Profile()
         profiler.enable()
-        one_run(cost_model, args.profile, rate, args.requests, 0)
+        one_run(
+            cost_model, args.profile, rate, max(args.requests, args.per_replica * args.profile), 0
+        )
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(20)
     return 0

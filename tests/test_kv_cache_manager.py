@@ -484,3 +484,16 @@ def test_stored_events_give_every_block_its_true_parent():
         for block_hash in event.block_hashes:
             assert parents[block_hash] == parent
             parent = block_hash
+
+
+def test_the_block_pool_is_built_as_blocks_are_first_used():
+    """A cache of a million blocks costs nothing up front (a simulated fleet builds a
+    thousand managers): block objects exist once handed out; the order is unchanged."""
+    kv = make_kv(1_000_000)
+    assert kv.num_free_blocks == kv.num_usable_blocks and len(kv._pool) == 1
+    request = make_request("a", list(range(3 * BS)))
+    assert kv.allocate_slots(request, 3 * BS)
+    assert kv.block_ids("a") == [1, 2, 3] and len(kv._pool) == 4
+    kv.free(request)
+    assert kv.free_queue[:2] == [4, 5] and kv.free_queue[-3:] == [3, 2, 1]
+    assert kv.num_free_blocks == kv.num_usable_blocks

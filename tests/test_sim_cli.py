@@ -58,3 +58,13 @@ def test_simulate_without_a_cost_model_is_a_usage_error(tmp_path, capsys):
         main(["simulate", "--cost-model", str(tmp_path / "missing.json")])
     assert exc.value.code == 2
     assert "cannot read cost model" in capsys.readouterr().err
+
+
+def test_simulate_shares_cores_and_rejects_none(tmp_path, capsys):
+    flags = ["--num-requests", "30", "--rate", "20", "--output-len", "16", "--replicas", "3"]
+    report = simulate(tmp_path, "shared", *flags, "--shared-cores", "2")
+    assert report["simulation"]["shared_cores"] == 2.0
+    with pytest.raises(SystemExit) as exc:
+        simulate(tmp_path, "bad", *flags, "--shared-cores", "0")
+    assert exc.value.code == 2
+    assert "shared_cores must be > 0" in capsys.readouterr().err

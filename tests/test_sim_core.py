@@ -241,3 +241,15 @@ def test_scale_down_past_the_drain_timeout_migrates_streams_whole():
     assert report["summary"]["requests"]["completed"] == 40
     # an evicted stream continues elsewhere: every asked token arrives, none twice
     assert all(len(r.chunk_times_s) == r.output_len for r in sim.client.results)
+
+
+def test_replicas_sharing_fewer_cores_than_they_are_step_slower():
+    """Three replicas on two cores: steps stretch while all three compute; with a core
+    each (or more), the run is the one without sharing, to the byte."""
+    spec = bench(n=60, rate=30.0, output_len=16)
+    alone = run(spec, fleet(3)).report
+    shared = run(spec, fleet(3, shared_cores=2)).report
+    roomy = run(spec, fleet(3, shared_cores=3)).report
+    assert stable(roomy) == stable(alone).replace('"shared_cores": null', '"shared_cores": 3')
+    assert shared["summary"]["tpot_ms"]["p50"] > alone["summary"]["tpot_ms"]["p50"] * 1.1
+    assert shared["summary"]["requests"]["completed"] == 60

@@ -119,3 +119,34 @@ def test_profile_a_tiny_model_writes_a_fitted_cost_model(tiny_llama, tmp_path):
     assert any(s.shape.sampled == 4 and s.shape.tokens == 4 for s in samples)
     assert all(s.seconds > 0 for s in samples)
     assert 0 <= meta["fit"]["heldout"]["p50_rel_error"] < float("inf")
+
+
+def test_serving_costs_add_per_step_and_per_output_token_and_round_trip(tmp_path):
+    bare = CostModel({"base": 0.02, "tokens": 1e-4, "sampled": 1e-3})
+    served = bare.with_serving(step_s=0.005, token_s=0.002)
+    shape = StepShape(tokens=8, sampled=8, context_tokens=800)
+    assert served.step_time(shape) == pytest.approx(bare.step_time(shape) + 0.005 + 8 * 0.002)
+    path = tmp_path / "served.json"
+    served.save(path)
+    assert CostModel.load(path).serving == {"step_s": 0.005, "token_s": 0.002}
+    assert CostModel.load(path).step_time(shape) == served.step_time(shape)
+    with pytest.raises(ValueError, match="token_s"):
+        bare.with_serving(step_s=0.0, token_s=-1.0)
+    with pytest.raises(ValueError, match="serving terms"):
+        CostModel({"base": 0.02}, serving={"per_byte": 1.0})
+
+
+def test_repeated_passes_keep_each_steps_fastest_time():
+    from fleetserve.perf.profile import fastest_of_repeats
+
+    a, b = StepShape(16, 1, 16, 256), StepShape(1, 1, 17, 0)
+    passes = [
+        StepSample(a, 0.30),
+        StepSample(b, 0.05),  # first pass
+        StepSample(a, 0.10),
+        StepSample(b, 0.09),  # second pass: another process ran during the decode
+    ]
+    assert fastest_of_repeats(passes, 2) == [StepSample(a, 0.10), StepSample(b, 0.05)]
+    assert fastest_of_repeats(passes, 1) == passes
+    swapped = passes[:2] + passes[2:][::-1]  # passes of different shapes: all kept
+    assert fastest_of_repeats(swapped, 2) == swapped

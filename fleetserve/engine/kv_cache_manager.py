@@ -65,14 +65,18 @@ class KVCacheManager:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (one is reserved), got {self.num_blocks}")
-        self.blocks = [Block(i) for i in range(self.num_blocks)]
-        # Unreferenced blocks, least recently used first. Cached ones stay findable here.
-        self.free_queue: OrderedDict[int, Block] = OrderedDict(
-            (b.block_id, b) for b in self.blocks[1:]
-        )
-        self.blocks[NULL_BLOCK_ID].ref_cnt = 1  # never freed, never allocated
+        # The pool is lazy: a block object exists once it is first handed out (or looked
+        # at through `blocks`). Ids >= `_next_fresh` were never allocated; they lead the
+        # free queue in id order, since every freed block joins behind them. So a cache of
+        # thousands of blocks costs nothing to build (a simulated fleet builds 1,000).
+        self._pool: list[Block] = [Block(NULL_BLOCK_ID, ref_cnt=1)]  # never freed, never allocated
+        self._next_fresh = 1
+        # Unreferenced blocks that were used once, least recently used first. Cached ones
+        # stay findable here.
+        self._free: OrderedDict[int, Block] = OrderedDict()
         self.cached: dict[int, Block] = {}
         self.req_blocks: dict[str, list[Block]] = {}
+        self._req_ids: dict[str, list[int]] = {}  # req_blocks as ids (a table every step)
         self.req_num_cached: dict[str, int] = {}  # leading blocks already registered
         self.events: list[KVEvent] = []
 
@@ -84,14 +88,31 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return len(self._free) + self.num_blocks - self._next_fresh
+
+    @property
+    def free_queue(self) -> list[int]:
+        """Ids of the free blocks in the order they will be taken (never-used ones first,
+        then the least recently freed). Builds a list: for tests and debugging."""
+        return [*range(self._next_fresh, self.num_blocks), *self._free]
+
+    @property
+    def blocks(self) -> list[Block]:
+        """Every block, by id (materializes the whole pool: for tests and debugging)."""
+        self._materialize(self.num_blocks)
+        return self._pool
+
+    def _materialize(self, end: int) -> None:
+        pool = self._pool
+        pool.extend(Block(i) for i in range(len(pool), end))
 
     @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_usable_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        ids = self._req_ids.get(request_id)
+        return [] if ids is None else ids.copy()
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -99,7 +120,10 @@ class KVCacheManager:
     # ---- prefix cache ----------------------------------------------------------------------
 
     def _update_hashes(self, request: Request) -> None:
-        if self.enable_prefix_caching:
+        if (
+            self.enable_prefix_caching
+            and len(request.all_token_ids) >= (len(request.block_hashes) + 1) * self.block_size
+        ):  # (a block was filled since: hashing copies the chain, so not on every step)
             request.block_hashes = hash_block_chain(
                 request.all_token_ids,
                 self.block_size,
@@ -139,7 +163,22 @@ class KVCacheManager:
         among the tokens of this step are registered in the prefix cache: the attention
         backend writes all new K/V of a step before any attention reads it, so a request
         scheduled later in the same step may already reuse them."""
-        blocks = self.req_blocks.get(request.request_id, [])
+        blocks = self.req_blocks.get(request.request_id)
+        if blocks is not None and not computed_blocks:
+            # A request that holds blocks (a decode or a later prefill chunk, every step):
+            # its table grows in place, and nothing is registered until a block fills.
+            total = request.num_computed_tokens + num_new_tokens
+            num_new_blocks = -(-total // self.block_size) - len(blocks)
+            if num_new_blocks > 0:
+                if num_new_blocks > self.num_free_blocks:
+                    return False
+                new = [self._pop_free() for _ in range(num_new_blocks)]
+                blocks.extend(new)
+                self._req_ids[request.request_id].extend([b.block_id for b in new])
+            if total // self.block_size > self.req_num_cached[request.request_id]:
+                self._cache_full_blocks(request, total)
+            return True
+        blocks = blocks or []
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         num_new_blocks = self.blocks_needed(total) - len(blocks) - len(computed_blocks)
@@ -151,6 +190,7 @@ class KVCacheManager:
             self._touch(block)
         blocks = blocks + list(computed_blocks) + [self._pop_free() for _ in range(num_new_blocks)]
         self.req_blocks[request.request_id] = blocks
+        self._req_ids[request.request_id] = [b.block_id for b in blocks]
         if not self.req_num_cached.get(request.request_id):
             self.req_num_cached[request.request_id] = len(computed_blocks)
         self._cache_full_blocks(request, total)
@@ -209,11 +249,20 @@ class KVCacheManager:
 
     def _touch(self, block: Block) -> None:
         if block.ref_cnt == 0:
-            del self.free_queue[block.block_id]
+            del self._free[block.block_id]
         block.ref_cnt += 1
 
     def _pop_free(self) -> Block:
-        _, block = self.free_queue.popitem(last=False)  # least recently used
+        fresh = self._next_fresh
+        if fresh < self.num_blocks:  # never used: no cache entry to evict
+            self._next_fresh = fresh + 1
+            pool = self._pool
+            if fresh >= len(pool):
+                self._materialize(fresh + 1)
+            block = pool[fresh]
+            block.ref_cnt = 1
+            return block
+        _, block = self._free.popitem(last=False)  # least recently used
         if block.block_hash is not None:  # evict its cache entry
             del self.cached[block.block_hash]
             if self.record_events:
@@ -227,12 +276,13 @@ class KVCacheManager:
         Tail blocks go to the free queue first so that they are evicted before the shared
         heads of a prefix."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self._req_ids.pop(request.request_id, None)
         self.req_num_cached.pop(request.request_id, None)
         for block in reversed(blocks):
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
             if block.ref_cnt == 0:
-                self.free_queue[block.block_id] = block
+                self._free[block.block_id] = block
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block. Only possible when no request holds blocks."""

@@ -12,6 +12,8 @@ Pure: every method takes `now` (seconds, any monotonic clock) and does no I/O.
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -46,6 +48,19 @@ class CircuitBreaker:
         self._cooldown = self.config.cooldown_s
         self._trials = 0  # trial requests in flight while half-open
         self.times_opened = 0
+        # Called after every change of state (the dispatcher's cached views listen).
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def changes_at(self, now: float) -> float:
+        """When `state` will next change with time alone (an open circuit's cooldown ends);
+        inf when only a call can change it."""
+        if self._state is BreakerState.OPEN and now - self._opened_at < self._cooldown:
+            return self._opened_at + self._cooldown
+        return math.inf
 
     def state(self, now: float) -> BreakerState:
         """The state at `now` (an open circuit whose cooldown is over reads half-open)."""
@@ -67,6 +82,7 @@ class CircuitBreaker:
         if self.state(now) is BreakerState.HALF_OPEN:
             self._state = BreakerState.HALF_OPEN
             self._trials = self._trials_now(now) + 1
+            self._changed()
 
     def record_success(self, now: float) -> None:
         state = self.state(now)
@@ -76,6 +92,7 @@ class CircuitBreaker:
         self._failures = 0
         self._trials = 0
         self._cooldown = self.config.cooldown_s
+        self._changed()
 
     def record_failure(self, now: float) -> None:
         state = self.state(now)
@@ -88,11 +105,13 @@ class CircuitBreaker:
         self._failures += 1
         if self._failures >= self.config.failure_threshold:
             self._open(now)
+        # (a failure short of the threshold changes nothing a view shows)
 
     def record_neutral(self, now: float) -> None:
         """A request ended with no verdict on the replica (e.g. the client left)."""
         if self._state is BreakerState.HALF_OPEN and self._trials > 0:
             self._trials -= 1
+            self._changed()
 
     def force_open(self, now: float) -> None:
         """Open now whatever the count (e.g. the replica's process is known to be gone)."""
@@ -105,6 +124,7 @@ class CircuitBreaker:
         self._failures = 0
         self._trials = 0
         self._cooldown = self.config.cooldown_s
+        self._changed()
 
     def _trials_now(self, now: float) -> int:
         # Trials counted before the cooldown ended belong to an earlier half-open spell.
@@ -116,3 +136,4 @@ class CircuitBreaker:
         self._failures = 0
         self._trials = 0
         self.times_opened += 1
+        self._changed()

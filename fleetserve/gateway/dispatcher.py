@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -107,9 +109,58 @@ class Dispatcher:
         # Seconds from a replica's start to ready, when the fleet starts replicas on demand
         # (set by its controller); None: no replica comes on its own.
         self.cold_start_s: float | None = None
+        # The views cache: one view per replica, sorted by id, rebuilt only for replicas
+        # whose state changed (they say so: `Replica.on_change`) or whose breaker's state
+        # changes with time (`_expiry`). Routing reads every view per decision; building
+        # them all each time made a decision O(replicas) view constructions.
+        self._table: dict[str, Replica] = {}  # the replicas the cache was built for
+        self._views: list[ReplicaView] = []
+        self._index: dict[str, int] = {}  # id -> position in _views
+        self._dirty: set[str] = set()
+        self._expiry: list[tuple[float, str]] = []  # (when a cached view goes stale, id)
+        self._views_at = -math.inf
 
     def views(self, now: float) -> list[ReplicaView]:
-        return [r.view(now) for r in self.replicas.values()]
+        """A view of every replica at `now`, sorted by id: equal to building
+        `[r.view(now) for r in replicas]` afresh (and sorting), at the cost of the replicas
+        that changed. The list is shared: read it, do not change it."""
+        table, known = self.replicas, self._table
+        if (
+            now < self._views_at
+            or table.keys() != known.keys()
+            or not all(map(operator.is_, table.values(), known.values()))
+        ):
+            self._rebuild(now)  # replicas came, went or were replaced (or time ran back)
+        else:
+            dirty = self._dirty
+            expiry = self._expiry
+            while expiry and expiry[0][0] <= now:
+                dirty.add(heapq.heappop(expiry)[1])
+            if dirty:
+                views, index = self._views, self._index
+                for rid in dirty:
+                    i = index.get(rid)
+                    if i is not None:
+                        views[i] = self._view_of(table[rid], now)
+                dirty.clear()
+        self._views_at = now
+        return self._views
+
+    def _rebuild(self, now: float) -> None:
+        self._table = dict(self.replicas)
+        self._dirty.clear()
+        self._expiry.clear()
+        for replica in self._table.values():
+            replica.on_change = self._dirty.add
+        self._dirty.clear()  # the assignments above announced themselves
+        self._views = [self._view_of(self._table[rid], now) for rid in sorted(self._table)]
+        self._index = {v.id: i for i, v in enumerate(self._views)}
+
+    def _view_of(self, replica: Replica, now: float) -> ReplicaView:
+        until = replica.breaker.changes_at(now)
+        if until != math.inf:
+            heapq.heappush(self._expiry, (until, replica.id))
+        return replica.view(now)
 
     def any_accepting(self, now: float) -> bool:
         return any(v.accepting for v in self.views(now))

@@ -25,6 +25,56 @@ class LoadStats:
     kv_cache_usage: float = 0.0
     refused: bool = False  # the replica answered 401/403: the gateway's key is not its operator's
 
+    def __setattr__(self, name: str, value: object) -> None:
+        state = self.__dict__
+        if name in state and state[name] == value:
+            return  # unchanged: the replica's view stays valid
+        object.__setattr__(self, name, value)
+        owner = state.get("_owner")
+        if owner is not None:
+            owner._changed()
+
+
+class _Ledger(dict):
+    """`Replica.prefilling`: a dict that tells its replica when it changes."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: Replica, items: dict) -> None:
+        super().__init__(items)
+        self._owner = owner
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._owner._changed()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._owner._changed()
+
+    def pop(self, *args):
+        value = super().pop(*args)
+        self._owner._changed()
+        return value
+
+    def popitem(self):
+        item = super().popitem()
+        self._owner._changed()
+        return item
+
+    def setdefault(self, key, default=None):
+        value = super().setdefault(key, default)
+        self._owner._changed()
+        return value
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._owner._changed()
+
+    def clear(self) -> None:
+        super().clear()
+        self._owner._changed()
+
 
 @dataclass
 class Replica:
@@ -61,6 +111,28 @@ class Replica:
         self.url = check_replica_url(self.url)
         self.breaker = CircuitBreaker(self.breaker_config)
         self.prefix = PrefixIndex()
+
+    # ---- change notification: the dispatcher caches one view per replica and rebuilds
+    # only those whose state changed (see `Dispatcher.views`). Every field set, a change of
+    # `load`'s fields, of `prefilling` and of the breaker's state calls `on_change(id)`.
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "prefilling" and not isinstance(value, _Ledger):
+            value = _Ledger(self, value)
+        elif name == "load":
+            object.__setattr__(value, "_owner", self)
+        elif name == "breaker":
+            value.on_change = self._changed
+        object.__setattr__(self, name, value)
+        if name in _VIEW_FIELDS:
+            listener = self.__dict__.get("on_change")
+            if listener is not None:
+                listener(self.id)
+
+    def _changed(self) -> None:
+        listener = self.__dict__.get("on_change")
+        if listener is not None:
+            listener(self.id)
 
     @property
     def state(self) -> str:
@@ -104,6 +176,14 @@ class Replica:
             prefix=PrefixView(self.prefix) if self.supports_extensions else EMPTY_PREFIX,
             pending_prefill_tokens=sum(self.prefilling.values()),
         )
+
+
+# The fields `view` reads (besides `load`, `prefilling` and the breaker's state, which
+# announce their own changes): setting any other field leaves the view as it was.
+_VIEW_FIELDS = frozenset(
+    {"id", "url", "kind", "outstanding", "ready", "down", "draining", "load", "prefilling"}
+    | {"breaker", "prefix"}
+)
 
 
 def check_replica_url(url: str) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 from fleetserve.gateway.policies.base import RoutingPolicy
 from fleetserve.gateway.replica import ReplicaKind, ReplicaView
 from fleetserve.gateway.route_request import RouteRequest
+
+_BY_ID = operator.attrgetter("id")
 
 
 class Router:
@@ -21,16 +24,18 @@ class Router:
     ) -> list[ReplicaView]:
         """Accepting (healthy, not draining, breaker lets it through), not excluded, and
         with a free slot unless `ignore_capacity` (retries and migrations do not queue)."""
+        exclude, limit = request.exclude, self.max_outstanding
+        extensions = request.needs_extensions
         return sorted(
-            (
+            [
                 r
                 for r in replicas
                 if r.accepting
-                and r.id not in request.exclude
-                and (r.kind is ReplicaKind.FLEETSERVE or not request.needs_extensions)
-                and (ignore_capacity or r.outstanding < self.max_outstanding)
-            ),
-            key=lambda r: r.id,
+                and (ignore_capacity or r.outstanding < limit)
+                and (not exclude or r.id not in exclude)
+                and (not extensions or r.kind is ReplicaKind.FLEETSERVE)
+            ],
+            key=_BY_ID,
         )
 
     def route(

@@ -33,6 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--quick", action="store_true", help="a small grid (seconds, for a tiny model or a test)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the grid this many times and fit each step's fastest time (steadier on a "
+        "busy machine)",
+    )
 
     def main(args: argparse.Namespace) -> int:
         try:
@@ -71,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     engine_kwargs = dict(SERVER_ENGINE_DEFAULTS)
     engine_kwargs.update({n: options[n] for n, _ in engine_fields() if n in options})
     config = EngineConfig(model=model, **engine_kwargs)
-    grid = ProfileGrid(**QUICK_GRID) if args.quick else ProfileGrid()
+    grid = ProfileGrid(**QUICK_GRID) if args.quick else ProfileGrid(repeats=args.repeats)
     core = build_engine_core(config, progress=not args.no_progress)
     import torch
 

@@ -14,6 +14,7 @@ only true of the machine and settings it was measured on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from fleetserve.engine.scheduler import SchedulerOutput
 FORMAT_VERSION = 1
 # Coefficient names, in the order of `StepShape.features`; seconds per unit of each.
 TERMS = ("base", "tokens", "sampled", "context_tokens", "prefill_attention_ktok2")
+SERVING_TERMS = ("step_s", "token_s")
 
 
 @dataclass(frozen=True)
@@ -81,32 +83,56 @@ class CostModel:
     coefficients: dict[str, float]
     min_step_s: float = 1e-4
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    # What serving adds to each step beyond `core.step()` (which `fleetserve profile`
+    # times): {"step_s": s, "token_s": t}: the engine-core loop's per-step cost (IPC) and
+    # the front end's per-output-token cost (detokenizing, streaming), which share the
+    # replica's cores. Fitted against a served replica (`calibrate_serving`); empty: none.
+    serving: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.coefficients) - set(TERMS)
         if unknown:
             raise ValueError(f"unknown cost-model terms {sorted(unknown)}; known: {TERMS}")
-        for name, value in self.coefficients.items():
+        for name, value in {**self.coefficients, **self.serving}.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"cost-model coefficient {name} must be >= 0, got {value}")
+        if set(self.serving) - set(SERVING_TERMS):
+            raise ValueError(f"unknown serving terms; known: {SERVING_TERMS}")
         if not self.min_step_s > 0:
             raise ValueError(f"min_step_s must be > 0, got {self.min_step_s}")
+        c, s = self.coefficients.get, self.serving.get
+        # (base, per token, per sampling sequence, per KV token, per prefill-attention
+        # token²): `step_time` runs once per simulated step.
+        object.__setattr__(
+            self,
+            "_fast",
+            (
+                c("base", 0.0) + s("step_s", 0.0),
+                c("tokens", 0.0),
+                c("sampled", 0.0) + s("token_s", 0.0),
+                c("context_tokens", 0.0),
+                c("prefill_attention_ktok2", 0.0) / 1e3,
+            ),
+        )
 
     @property
     def _vector(self) -> tuple[float, ...]:
         return tuple(self.coefficients.get(t, 0.0) for t in TERMS)
 
     def step_time(self, shape: StepShape) -> float:
-        """Predicted seconds of a step of this shape."""
-        c = self.coefficients.get
+        """Predicted seconds of a step of this shape (with `serving`'s costs)."""
+        base, tokens, sampled, context, attention = self._fast
         seconds = (
-            c("base", 0.0)
-            + c("tokens", 0.0) * shape.tokens
-            + c("sampled", 0.0) * shape.sampled
-            + c("context_tokens", 0.0) * shape.context_tokens
-            + c("prefill_attention_ktok2", 0.0) * shape.prefill_attention / 1e3
+            base
+            + tokens * shape.tokens
+            + sampled * shape.sampled
+            + context * shape.context_tokens
+            + attention * shape.prefill_attention
         )
         return max(seconds, self.min_step_s)
+
+    def with_serving(self, step_s: float, token_s: float) -> CostModel:
+        return dataclasses.replace(self, serving={"step_s": step_s, "token_s": token_s})
 
     # ---- fitting ---------------------------------------------------------------------------
 
@@ -155,6 +181,7 @@ class CostModel:
             "kind": "linear",
             "coefficients": dict(self.coefficients),
             "min_step_s": self.min_step_s,
+            **({"serving": dict(self.serving)} if self.serving else {}),
             **self.meta,
         }
 
@@ -168,9 +195,10 @@ class CostModel:
         meta = {
             k: v
             for k, v in data.items()
-            if k not in ("format_version", "kind", "coefficients", "min_step_s")
+            if k not in ("format_version", "kind", "coefficients", "min_step_s", "serving")
         }
-        return cls(dict(data["coefficients"]), data.get("min_step_s", 1e-4), meta)
+        serving = dict(data.get("serving") or {})
+        return cls(dict(data["coefficients"]), data.get("min_step_s", 1e-4), meta, serving)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

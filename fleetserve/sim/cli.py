@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fleet.add_argument("--max-replicas", type=int, help="turns the autoscaler on")
     fleet.add_argument("--target-concurrency", type=float, help="autoscaler target per replica")
     fleet.add_argument("--cold-start", type=float, default=30.0, help="seconds to a ready replica")
+    fleet.add_argument(
+        "--shared-cores",
+        type=float,
+        help="the replicas share this many CPU cores (e.g. 3 replicas on one 2-core machine): "
+        "steps slow down while more replicas step than there are cores",
+    )
     engine = parser.add_argument_group("engine (default: the cost model's profile)")
     engine.add_argument("--num-blocks", type=int, help="KV blocks per replica")
     engine.add_argument("--max-num-seqs", type=int)
@@ -124,6 +130,7 @@ def build_specs(args: argparse.Namespace):
         failures=tuple(Failure.parse(f) for f in args.fail),
         autoscaling=autoscaling,
         cold_start_s=args.cold_start,
+        shared_cores=args.shared_cores,
     )
     return bench, fleet_spec, text_source
 

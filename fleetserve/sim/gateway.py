@@ -91,6 +91,9 @@ class SimGateway:
         self._attempts = itertools.count()
         self.recent_ttft = LatencyWindow()
         self.recent_itl = LatencyWindow()
+        # Whether to fill the two windows above (only the autoscaler reads them; every
+        # output token is a sample).
+        self.track_latency = True
         self.turned_away = 0
         self.on_starved: Callable[[], None] | None = None
         self.on_replica_idle: Callable[[Replica], None] | None = None
@@ -332,9 +335,10 @@ class SimGateway:
             if out.new_token_ids:
                 chunks = stream.result.chunk_times_s
                 if not chunks:
-                    self.recent_ttft.observe(now, now - stream.result.start_s)
+                    if self.track_latency:
+                        self.recent_ttft.observe(now, now - stream.result.start_s)
                     stream.replica.prefilling.pop(stream.request_id, None)
-                else:
+                elif self.track_latency:
                     self.recent_itl.observe(now, now - chunks[-1])
                 stream.output_ids.extend(out.new_token_ids)
                 chunks.extend([now] * len(out.new_token_ids))

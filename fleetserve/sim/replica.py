@@ -61,6 +61,24 @@ class EngineSettings:
         )
 
 
+@dataclass
+class SharedCores:
+    """Replicas that share `cores` CPU cores (three single-thread replicas on a two-core
+    machine): a step that starts while `busy` replicas (itself included) are stepping
+    takes `busy / cores` times its cost-model time, when that is more than 1. Fair
+    sharing, judged when each step starts."""
+
+    cores: float
+    busy: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.cores > 0:
+            raise ValueError(f"shared cores must be > 0, got {self.cores}")
+
+    def slowdown(self) -> float:
+        return max(1.0, self.busy / self.cores)
+
+
 class SimReplica:
     """`on_outputs(replica, outputs)` receives each step's outputs when the step ends;
     `on_kv_events(replica, events)` its KV events, at the same time."""
@@ -73,8 +91,11 @@ class SimReplica:
         settings: EngineSettings,
         on_outputs: Callable[[SimReplica, list[EngineCoreOutput]], None],
         on_kv_events: Callable[[SimReplica, list], None],
+        shared: SharedCores | None = None,
     ) -> None:
         self.id = replica_id
+        self.shared = shared
+        self._holds_core = False  # a step of this replica counts in `shared.busy`
         self.loop = loop
         self.cost_model = cost_model
         self.settings = settings
@@ -124,6 +145,7 @@ class SimReplica:
         self.prefix_hits += stats.hits
         self.generation += 1
         self._stepping = False
+        self._release_core()
         self.core = self._new_core()
 
     def prefix_stats(self) -> tuple[int, int]:
@@ -148,14 +170,24 @@ class SimReplica:
         if seconds == 0.0:  # nothing was scheduled: wait for the next request
             self._stepping = False
             return
+        if self.shared is not None:
+            self.shared.busy += 1
+            self._holds_core = True
+            seconds *= self.shared.slowdown()
         self.steps += 1
         self.busy_s += seconds
         self.loop.call_later(seconds, self._step_done, self.generation, outputs)
+
+    def _release_core(self) -> None:
+        if self._holds_core:
+            self._holds_core = False
+            self.shared.busy -= 1
 
     def _step_done(self, generation: int, outputs: list[EngineCoreOutput]) -> None:
         if generation != self.generation:
             return
         self._stepping = False
+        self._release_core()
         events = self.core.take_kv_events()
         if events:
             self.on_kv_events(self, events)

@@ -30,7 +30,7 @@ from fleetserve.sim.events import EventLoop
 from fleetserve.sim.fleet import Failure, SimFleet
 from fleetserve.sim.gateway import SimGateway
 from fleetserve.sim.prompts import PromptBuilder
-from fleetserve.sim.replica import EngineSettings, SimReplica
+from fleetserve.sim.replica import EngineSettings, SharedCores, SimReplica
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,13 @@ class FleetSpec:
     autoscaling: AutoscalingSettings | None = None
     cold_start_s: float = 30.0
     drain_timeout_s: float = 30.0
+    # The replicas share this many cores (as on one machine); None: each has its own, at
+    # the cost model's speed. See `SharedCores`.
+    shared_cores: float | None = None
 
     def __post_init__(self) -> None:
+        if self.shared_cores is not None and not self.shared_cores > 0:
+            raise ValueError(f"shared_cores must be > 0, got {self.shared_cores}")
         if self.num_replicas < 0 or (self.num_replicas == 0 and self.autoscaling is None):
             raise ValueError("num_replicas must be >= 1 (0 only with autoscaling)")
         if self.cold_start_s < 0 or self.drain_timeout_s < 0:
@@ -76,6 +81,9 @@ class Simulation:
 def simulate(bench: BenchSpec, fleet_spec: FleetSpec, text_source: TextSource) -> Simulation:
     loop = EventLoop()
     gateway = SimGateway(loop, fleet_spec.gateway)
+    gateway.track_latency = fleet_spec.autoscaling is not None
+    cores = fleet_spec.shared_cores
+    shared = SharedCores(cores) if cores is not None else None
 
     def new_engine(replica_id: str) -> SimReplica:
         return SimReplica(
@@ -85,6 +93,7 @@ def simulate(bench: BenchSpec, fleet_spec: FleetSpec, text_source: TextSource) -
             fleet_spec.engine,
             gateway.on_outputs,
             gateway.on_kv_events,
+            shared,
         )
 
     plan = make_plan(bench, text_source)
@@ -133,11 +142,13 @@ def _simulation_record(
     cm = spec.cost_model
     return {
         "replicas": spec.num_replicas,
+        "shared_cores": spec.shared_cores,
         "router": spec.gateway.router,
         "max_outstanding_per_replica": spec.gateway.max_outstanding_per_replica,
         "engine": dataclasses.asdict(spec.engine),
         "cost_model": {
             "coefficients": cm.coefficients,
+            "serving": cm.serving,
             **{k: cm.meta[k] for k in ("model", "dtype", "hardware") if k in cm.meta},
         },
         "prompts": prompts.describe(),

@@ -48,8 +48,33 @@ class PrefixAware(RoutingPolicy):
     def choose(
         self, request: RouteRequest, replicas: Sequence[ReplicaView], now: float
     ) -> ReplicaView:
+        # `cost` for every replica within `max_imbalance` of the least loaded, in one pass
+        # (a fleet of 1,000 replicas pays this per request): the same sums as `cost`, in
+        # the same order, so the same choice.
         least = min(r.outstanding for r in replicas)
-        fair = [r for r in replicas if r.outstanding <= least + self.max_imbalance]
-        costs = {r.id: (self.cost(request, r), r.outstanding) for r in fair}
-        best = min(costs.values())
-        return self._ties.pick([r for r in fair if costs[r.id] == best])
+        limit = least + self.max_imbalance
+        decode = self.decode_cost_tokens
+        prompt = request.num_prompt_tokens
+        known = request.prompt_token_ids is not None
+        hashes: dict[int, list[int]] = {}
+        best: tuple[float, int] | None = None
+        tied: list[ReplicaView] = []
+        for r in replicas:
+            outstanding = r.outstanding
+            if outstanding > limit:
+                continue
+            prefix = r.prefix
+            block_size = prefix.block_size
+            if block_size and known:
+                chain = hashes.get(block_size)
+                if chain is None:
+                    chain = hashes[block_size] = request.block_hashes(block_size)
+                uncached = max(prompt - prefix.match_prefix(chain) * block_size, 0)
+            else:
+                uncached = max(prompt, 0)
+            key = (uncached + r.pending_prefill_tokens + decode * outstanding, outstanding)
+            if best is None or key < best:
+                best, tied = key, [r]
+            elif key == best:
+                tied.append(r)
+        return self._ties.pick(tied)
