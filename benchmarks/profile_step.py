@@ -28,7 +28,13 @@ CATEGORIES = [
     ("KV gather (paged blocks -> dense)", ("aten::index",)),
     (
         "attention math (bmm, softmax, mask)",
-        ("aten::bmm", "aten::_softmax", "aten::masked_fill_", "aten::_scaled_dot_product"),
+        (
+            "aten::bmm",
+            "aten::_softmax",
+            "aten::masked_fill_",
+            "aten::_scaled_dot_product",
+            "fleetserve::paged_attention",
+        ),
     ),
     ("KV write (index_copy_)", ("aten::index_copy_",)),
     (
@@ -50,6 +56,10 @@ CATEGORIES = [
             "aten::sub",
             "aten::neg",
             "aten::embedding",
+            "fleetserve::rms_norm",
+            "fleetserve::add_rms_norm",
+            "fleetserve::rotary_embedding",
+            "fleetserve::silu_and_mul",
         ),
     ),
     ("dtype casts and copies", ("aten::copy_", "aten::_to_copy")),

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fleetserve.attention.ops import TorchOps
+
 
 @dataclass(frozen=True)
 class SeqSpec:
@@ -92,6 +94,9 @@ class AttentionBackend(ABC):
     """
 
     name: str
+    # The layer's element-wise ops (norms, RoPE, SiLU) that go with this backend: the torch
+    # reference unless a backend brings kernels.
+    ops: TorchOps = TorchOps()
 
     @staticmethod
     @abstractmethod

@@ -16,6 +16,7 @@ import torch
 
 from fleetserve.attention import cpu_extension
 from fleetserve.attention.base import AttentionMetadata
+from fleetserve.attention.cpu_ops import CpuOps
 from fleetserve.attention.torch_ref import TorchAttention
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -39,6 +40,7 @@ class CpuPagedAttention(TorchAttention):
 
     def __init__(self) -> None:
         cpu_extension.load()
+        self.ops = CpuOps()
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if kv_cache.device.type != "cpu" or kv_cache.dtype not in KERNEL_DTYPES:
