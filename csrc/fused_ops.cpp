@@ -19,7 +19,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "bf16.h"
+
 namespace {
+
+using fleetserve::load_float;
+using fleetserve::round_in_place;
+using fleetserve::store_float;
 
 inline float to_float(float x) { return x; }
 inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
@@ -122,42 +128,6 @@ void rope_impl(at::Tensor& q, at::Tensor& k, const at::Tensor& positions,
 // Rows are converted in chunks of kChunk into fp32 arrays, so that the arithmetic (exp above
 // all) vectorizes: at::BFloat16's conversions are calls the compiler does not vectorize.
 constexpr int64_t kChunk = 64;
-
-inline void load_float(const float* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
-}
-inline void load_float(const at::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
-}
-// fp32 -> bf16 rounding to nearest even, as c10::BFloat16 does (finite values; a NaN may
-// change payload but stays NaN).
-inline void store_float(const float* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
-}
-inline void store_float(const float* src, at::BFloat16* dst, int64_t n) {
-  const uint32_t* in = reinterpret_cast<const uint32_t*>(src);
-  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = in[i];
-    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-    bits[i] = nan ? static_cast<uint16_t>((u >> 16) | 0x40) : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-}
-template <typename T>
-inline void round_in_place(float* x, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>) {
-    uint32_t* u = reinterpret_cast<uint32_t*>(x);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t r = (u[i] + 0x7fffu + ((u[i] >> 16) & 1u)) & 0xffff0000u;
-      u[i] = (u[i] & 0x7fffffffu) > 0x7f800000u ? u[i] : r;
-    }
-  }
-}
 
 // out = silu(gate) * up with x = [gate | up]: silu rounded to T, then the product in T.
 template <typename T>

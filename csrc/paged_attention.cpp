@@ -36,42 +36,45 @@ inline void store(T* dst, const float* src, float mul, int64_t n) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d] * mul);
 }
 
-// Rows of one block as fp32: the cache itself when it is fp32, else a converted copy.
+// Element i of a cache row as fp32. For bf16 a shift of its bits, which the compiler folds
+// into the vector loops below: converting whole blocks into a buffer first cost more than
+// the arithmetic (the buffer round trip, and no overlap of the cache reads with the math).
 template <typename T>
-inline const float* as_float(const T* src, float* buf, int64_t n) {
+inline float elem(const T* p, int64_t i) {
   if constexpr (std::is_same_v<T, float>) {
-    return src;
+    return p[i];
   } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = to_float(src[i]);
-    return buf;
+    const uint32_t u = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+    return __builtin_bit_cast(float, u);
   }
 }
 
-template <int64_t HD>
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+template <int64_t HD, typename T>
+inline float dot(const float* __restrict a, const T* __restrict b, int64_t n) {
   if constexpr (HD > 0) n = HD;
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
+  for (int64_t d = 0; d < n; ++d) s += a[d] * elem(b, d);
   return s;
 }
 
 // a = a * alpha + sum_j p[j] * v[j]: v is [n, head_dim]. With head_dim known, the sum runs
 // in a local array that the compiler keeps in registers.
-template <int64_t HD>
+template <int64_t HD, typename T>
 inline void accumulate(float* __restrict a, float alpha, const float* __restrict p,
-                       const float* __restrict v, int64_t n, int64_t head_dim) {
+                       const T* __restrict v, int64_t n, int64_t head_dim) {
   if constexpr (HD > 0) {
     float sum[HD];
     for (int64_t d = 0; d < HD; ++d) sum[d] = a[d] * alpha;
     for (int64_t j = 0; j < n; ++j)
-      for (int64_t d = 0; d < HD; ++d) sum[d] += p[j] * v[j * HD + d];
+#pragma omp simd
+      for (int64_t d = 0; d < HD; ++d) sum[d] += p[j] * elem(v, j * HD + d);
     for (int64_t d = 0; d < HD; ++d) a[d] = sum[d];
   } else {
     for (int64_t d = 0; d < head_dim; ++d) a[d] *= alpha;
     for (int64_t j = 0; j < n; ++j)
 #pragma omp simd
-      for (int64_t d = 0; d < head_dim; ++d) a[d] += p[j] * v[j * head_dim + d];
+      for (int64_t d = 0; d < head_dim; ++d) a[d] += p[j] * elem(v, j * head_dim + d);
   }
 }
 
@@ -110,7 +113,6 @@ void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     const int64_t max_q = kRowTile * group;
     std::vector<float> qf(max_q * head_dim), acc(max_q * head_dim), m(max_q), l(max_q);
-    std::vector<float> kbuf(block_size * head_dim), vbuf(block_size * head_dim);
     std::vector<float> p(block_size);
     for (int64_t i = begin; i < end; ++i) {
       const Task& t = tasks[i];
@@ -133,8 +135,8 @@ void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
       for (int64_t start = 0; start < kv_end; start += block_size) {
         const int64_t n = std::min(block_size, kv_end - start);
         const int64_t offset = ((t.kv_head * num_blocks) + table[start / block_size]) * block_size;
-        const float* k = as_float(k_base + offset * head_dim, kbuf.data(), n * head_dim);
-        const float* v = as_float(v_base + offset * head_dim, vbuf.data(), n * head_dim);
+        const T* k = k_base + offset * head_dim;
+        const T* v = v_base + offset * head_dim;
         for (int64_t r = 0; r < rows; ++r) {
           // row r sees keys up to first_pos + r: `visible` of this block's n
           const int64_t visible = std::min(n, first_pos + r + 1 - start);
@@ -142,17 +144,19 @@ void run(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
           for (int64_t g = 0; g < group; ++g) {
             const int64_t qi = r * group + g;
             const float* qv = qf.data() + qi * head_dim;
+            float* __restrict pj = p.data();
+            for (int64_t j = 0; j < visible; ++j) pj[j] = dot<HD>(qv, k + j * head_dim, head_dim);
             float block_max = kNoScore;
-            for (int64_t j = 0; j < visible; ++j) {
-              p[j] = dot<HD>(qv, k + j * head_dim, head_dim);
-              block_max = std::max(block_max, p[j]);
-            }
+#pragma omp simd reduction(max : block_max)
+            for (int64_t j = 0; j < visible; ++j) block_max = std::max(block_max, pj[j]);
             const float new_m = std::max(m[qi], block_max);
             const float alpha = std::exp(m[qi] - new_m);
             float sum = 0.f;
+            // one vector exp for the block (libmvec), not one call per key
+#pragma omp simd reduction(+ : sum)
             for (int64_t j = 0; j < visible; ++j) {
-              p[j] = std::exp(p[j] - new_m);
-              sum += p[j];
+              pj[j] = std::exp(pj[j] - new_m);
+              sum += pj[j];
             }
             l[qi] = l[qi] * alpha + sum;
             m[qi] = new_m;

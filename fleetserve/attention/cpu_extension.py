@@ -69,8 +69,9 @@ def _compiler() -> str:
 
 def _key(flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update((CSRC / name).read_bytes())
+    for path in sorted(CSRC.glob("*.[ch]*")):  # the sources and the headers they include
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_compiler().encode())
     h.update(" ".join(flags).encode())
