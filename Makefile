@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 ext: $(EXT_STAMP)
 
-$(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp) fleetserve/attention/cpu_extension.py
+$(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h) fleetserve/attention/cpu_extension.py
 	@$(PY) -m fleetserve.attention.cpu_extension
 	@mkdir -p $(@D) && touch $@
 

@@ -6,6 +6,9 @@ Fills the engine with --batch requests of --input-len tokens, runs their prefill
 profiles --steps decode steps with torch.profiler and sorts every operator into a category.
 "Python and framework overhead" is the wall time of a step that no operator accounts for
 (scheduling, building the batch, detokenization is not part of it: the core has none).
+With --threads 1 it also prints the step's CPU time, the figure to compare before/after on a
+machine that other processes share (two OpenMP threads slowed a batch-1 step from ~30 ms to
+1.2 s here while other processes held the cores; one thread's CPU time barely moves).
 """
 
 from __future__ import annotations
@@ -28,7 +31,13 @@ CATEGORIES = [
     ("KV gather (paged blocks -> dense)", ("aten::index",)),
     (
         "attention math (bmm, softmax, mask)",
-        ("aten::bmm", "aten::_softmax", "aten::masked_fill_", "aten::_scaled_dot_product"),
+        (
+            "aten::bmm",
+            "aten::_softmax",
+            "aten::masked_fill_",
+            "aten::_scaled_dot_product",
+            "fleetserve::paged_attention",
+        ),
     ),
     ("KV write (index_copy_)", ("aten::index_copy_",)),
     (
@@ -50,6 +59,10 @@ CATEGORIES = [
             "aten::sub",
             "aten::neg",
             "aten::embedding",
+            "fleetserve::rms_norm",
+            "fleetserve::add_rms_norm",
+            "fleetserve::rotary_embedding",
+            "fleetserve::silu_and_mul",
         ),
     ),
     ("dtype casts and copies", ("aten::copy_", "aten::_to_copy")),
@@ -94,11 +107,12 @@ def main() -> None:
     for _ in range(3):
         engine.step()
 
-    walls = []
+    walls, cpus = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         engine.step()
         walls.append(time.perf_counter() - start)
+        cpus.append(time.thread_time() - cpu_start)
     wall = statistics.median(walls)
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -118,8 +132,13 @@ def main() -> None:
     )
     print(
         f"decode step: {wall * 1e3:.1f} ms median unprofiled ({args.batch / wall:.0f} tok/s); "
-        f"{profiled_wall * 1e3:.1f} ms under the profiler\n"
+        f"{profiled_wall * 1e3:.1f} ms under the profiler"
     )
+    if torch.get_num_threads() == 1:
+        # One thread does all the work: its CPU time is the step's cost, which other
+        # processes on a shared machine disturb far less than the wall time.
+        print(f"CPU time of the step (one thread): {statistics.median(cpus) * 1e3:.1f} ms median")
+    print()
     print("| where | ms / step | share |")
     print("|---|---|---|")
     for label, seconds in sorted(per_category.items(), key=lambda kv: -kv[1]):

@@ -301,3 +301,31 @@ def test_make_ext_fails_where_the_kernel_cannot_build(tmp_path):
     assert proc.returncode != 0, proc.stdout
     assert "false failed" in proc.stderr
     assert not (tmp_path / "built").exists()
+
+
+@needs_kernel
+def test_q_k_v_as_views_into_one_qkv_row():
+    """The model hands q, k, v over as views into the fused projection's rows; the kernel
+    reads them in place and writes the same cache and output as for copies."""
+    torch.manual_seed(11)
+    specs = [SeqSpec(5, 1, [1]), SeqSpec(9, 1, [3, 2]), SeqSpec(3, 4, [4])]
+    meta = build_attention_metadata(specs, 8)
+    n, heads, kv_heads, d = meta.query_start_loc[-1], 6, 2, 16
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d).bfloat16()
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = q.view(n, heads, d), k.view(n, kv_heads, d), v.view(n, kv_heads, d)
+    cache = torch.randn(2, kv_heads, 5, 8, d).bfloat16()
+    want, want_cache = run_backend(
+        "cpu", q.contiguous(), k.contiguous(), v.contiguous(), cache, meta, 0.25
+    )
+    got, got_cache = run_backend("cpu", q, k, v, cache, meta, 0.25)
+    assert torch.equal(got_cache, want_cache)
+    assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_write_kv_rejects_a_slot_outside_the_cache():
+    cache = torch.zeros(2, 1, 2, 4, 8)
+    k = torch.zeros(1, 1, 8)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.fleetserve.write_kv(cache, k, k, torch.tensor([8]))

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fleetserve.attention.ops import TorchOps
+
 
 @dataclass(frozen=True)
 class SeqSpec:
@@ -73,14 +75,17 @@ def build_attention_metadata(
             num_decodes += 1
         end = s.num_computed_tokens + s.num_new_tokens
         assert len(s.block_ids) * block_size >= end, "block table too short"
-        for pos in range(s.num_computed_tokens, end):
-            slots.append(s.block_ids[pos // block_size] * block_size + pos % block_size)
+        ids = s.block_ids
+        slots += [
+            ids[pos // block_size] * block_size + pos % block_size
+            for pos in range(s.num_computed_tokens, end)
+        ]
         query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
         seq_lens.append(end)
     max_blocks = max((len(s.block_ids) for s in seqs), default=0)
-    table = torch.zeros((len(seqs), max_blocks), dtype=torch.int64)
-    for i, s in enumerate(seqs):
-        table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
+    # One tensor from padded rows: a tensor and a copy per row cost more than the rows.
+    rows = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in seqs]
+    table = torch.tensor(rows, dtype=torch.int64).view(len(seqs), max_blocks)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         query_start_loc=query_start_loc,
@@ -102,6 +107,9 @@ class AttentionBackend(ABC):
     name: str
     # A decode-only forward reads only tensors (or the lists' upper bounds): capturable.
     supports_cuda_graphs: bool = False
+    # The layer's element-wise ops (norms, RoPE, SiLU) that go with this backend: the torch
+    # reference unless a backend brings kernels.
+    ops: TorchOps = TorchOps()
 
     @staticmethod
     @abstractmethod

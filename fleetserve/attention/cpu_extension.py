@@ -1,10 +1,10 @@
-"""Builds and loads the C++ paged-attention kernel (csrc/) as a torch op library.
+"""Builds and loads the C++ CPU kernels (csrc/: paged attention, fused layer ops) as one library.
 
     python -m fleetserve.attention.cpu_extension   # what `make` runs: build once, print path
 
 The library is compiled with the machine's own gcc for the machine's own ISA
 (``-march=native``, falling back to a portable build), straight from torch's headers and
-libraries: one translation unit needs no ninja and no setup.py. It is cached under
+libraries: two translation units need no ninja and no setup.py. It is cached under
 ``build/fleetserve-ext/KEY/``, where KEY hashes the sources, the torch version, the compile
 compiler, the compile flags and the CPU's flags, so that a machine with another CPU or
 another torch never loads a library built for a different one. Once built, loading it needs
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-SOURCES = ("paged_attention.cpp",)
+SOURCES = ("paged_attention.cpp", "fused_ops.cpp")
 DEFAULT_BUILD_ROOT = ROOT / "build" / "fleetserve-ext"
 LIBRARY = "fleetserve_cpu.so"
 # Tried in order: the build machine's own ISA first, then a portable one.
@@ -69,8 +69,9 @@ def _compiler() -> str:
 
 def _key(flags: tuple[str, ...]) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update((CSRC / name).read_bytes())
+    for path in sorted(CSRC.glob("*.[ch]*")):  # the sources and the headers they include
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_compiler().encode())
     h.update(" ".join(flags).encode())

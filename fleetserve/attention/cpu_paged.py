@@ -16,6 +16,7 @@ import torch
 
 from fleetserve.attention import cpu_extension
 from fleetserve.attention.base import AttentionMetadata
+from fleetserve.attention.cpu_ops import CpuOps
 from fleetserve.attention.torch_ref import TorchAttention
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -34,23 +35,44 @@ def kernel_sequences(meta: AttentionMetadata) -> tuple[list[int], list[int]]:
     return kernel, sdpa
 
 
+def _heads_contiguous(x: torch.Tensor) -> bool:
+    """(tokens, heads, D) with each token's heads side by side: a view into the fused qkv
+    rows is, and the kernels take it as it is."""
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
 class CpuPagedAttention(TorchAttention):
     name = "cpu"
     supports_cuda_graphs = False  # CPU only; the kernel takes the Python lists
 
     def __init__(self) -> None:
         cpu_extension.load()
+        self.ops = CpuOps()
+        # Every layer of a step gets the same metadata: split its sequences once.
+        self._split_of: tuple[AttentionMetadata | None, tuple[list[int], list[int]]] = (
+            None,
+            ([], []),
+        )
+
+    def _split(self, meta: AttentionMetadata) -> tuple[list[int], list[int]]:
+        if self._split_of[0] is not meta:
+            self._split_of = (meta, kernel_sequences(meta))
+        return self._split_of[1]
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if kv_cache.device.type != "cpu" or kv_cache.dtype not in KERNEL_DTYPES:
             return super().forward(q, k, v, kv_cache, meta, scale)
-        self.write_kv(k, v, kv_cache, meta)
-        kernel, sdpa = kernel_sequences(meta)
+        if k.dtype == v.dtype == kv_cache.dtype and _heads_contiguous(k) and _heads_contiguous(v):
+            torch.ops.fleetserve.write_kv(kv_cache, k, v, meta.slot_mapping)
+        else:
+            self.write_kv(k, v, kv_cache, meta)
+        kernel, sdpa = self._split(meta)
         out = torch.empty(q.shape, dtype=kv_cache.dtype)
         if kernel:
+            q_in = q.to(kv_cache.dtype)
             torch.ops.fleetserve.paged_attention(
                 out,
-                q.to(kv_cache.dtype).contiguous(),
+                q_in if _heads_contiguous(q_in) else q_in.contiguous(),
                 kv_cache,
                 meta.block_tables,
                 meta.query_start_loc,

@@ -2,9 +2,9 @@
 
 A decode step of a small model on a GPU is mostly launch overhead (every layer launches ~15
 kernels of a few microseconds each); a graph replays them all with one launch (on an H200, a
-100M model's batch-1 step: 6.6 ms eager, 1.45 ms replayed; benchmarks/README.md, "GPU"). What a graph reads
-must sit at fixed addresses, so the step's inputs go into persistent buffers, allocated once
-at the largest captured size:
+100M model's batch-1 step: 6.6 ms eager, 1.45 ms replayed; benchmarks/README.md, "GPU").
+What a graph reads must sit at fixed addresses, so the step's inputs go into persistent
+buffers, allocated once at the largest captured size:
 
     input_ids, positions, slot_mapping, seq_lens: (max_size,)
     block_tables: (max_size, max_blocks_per_seq)

@@ -2,7 +2,9 @@
 
 Differences between the members are flags on ``ModelConfig``. The forward takes a flattened
 batch (no batch dim): ``input_ids, positions: (num_tokens,)``. Attention goes through
-``ctx.backend``, which also writes the step's K/V into ``ctx.kv_caches[layer]``.
+``ctx.backend``, which also writes the step's K/V into ``ctx.kv_caches[layer]``; the norms,
+RoPE and SiLU through ``ctx.backend.ops`` (the torch reference, or fused kernels). Layers pass
+``(hidden, residual)`` on, vLLM's way, so that each residual add fuses into the next norm.
 
 Module and parameter names follow transformers' (``model.layers.N.self_attn...``) so that HF
 tensor names map one-to-one, except the fused ``qkv_proj`` and ``gate_up_proj``.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +22,11 @@ from torch import nn
 
 from fleetserve.models.layers import MergedLinear, RMSNorm
 from fleetserve.models.registry import ArchSpec
-from fleetserve.models.rotary import RotaryEmbedding, apply_rope
+from fleetserve.models.rotary import RotaryEmbedding
 
 if TYPE_CHECKING:
     from fleetserve.attention.base import ForwardContext
+    from fleetserve.attention.ops import TorchOps
     from fleetserve.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -59,9 +62,7 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Any, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -70,7 +71,7 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = ctx.backend.ops.rope(q, k, rope)
         o = ctx.backend.forward(
             q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn_metadata, self.scale
         )  # [T, H, D]
@@ -86,9 +87,8 @@ class LlamaMLP(nn.Module):
         )
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -100,10 +100,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: Any, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (this layer's MLP output, the residual stream before it); the
+        stream itself is residual + x. The first layer gets residual None."""
+        ops = ctx.backend.ops
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual, x = x, ops.rms_norm(x, norm1.weight, norm1.eps)
+        else:
+            x, residual = ops.add_rms_norm(x, residual, norm1.weight, norm1.eps)
+        x = self.self_attn(x, rope, ctx)
+        x, residual = ops.add_rms_norm(x, residual, norm2.weight, norm2.eps)
+        return self.mlp(x, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -124,11 +133,14 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.rotary_emb(positions)  # [T, 1, D/2] each, shared by all layers
+        ops = ctx.backend.ops
+        x, residual = self.embed_tokens(input_ids), None  # [T, hidden]
+        rope = ops.rope_state(positions, self.rotary_emb.cos_sin_cache)  # shared by all layers
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, ctx)
+        if residual is None:  # no layers
+            return ops.rms_norm(x, self.norm.weight, self.norm.eps)
+        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fleetserve.attention.ops import apply_rope  # noqa: F401  (the reference, re-exported)
+
 
 def rope_inv_freq(
     head_dim: int,
@@ -79,10 +81,3 @@ class RotaryEmbedding(nn.Module):
         """positions: (T,) -> cos, sin: (T, 1, D/2) float32, to broadcast over heads."""
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
         return cos, sin
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, H, D); cos/sin: (T, 1, D/2). Computed in float32, returned in x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
