@@ -35,7 +35,7 @@ class FakeState:
     def leave(self) -> None:
         self.in_flight -= 1
 
-    async def infer(self, rows: list, key, priority: int) -> list:
+    async def infer(self, rows: list, key, priority: int, gone=None) -> list:
         self.queued.set()
         await self.answer.wait()
         return [2 * r for r in rows]

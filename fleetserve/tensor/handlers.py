@@ -83,6 +83,9 @@ class Handler:
     task = "tensor"
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    # The request path may run `rows_from_*` on the event loop for a small body: true of the
+    # built-in steps (bounded work), not of a user's `preprocess` (it may do anything).
+    inline_preprocess = True
 
     def rows_from_json(self, data: Any) -> list:
         raise NotImplementedError
@@ -336,6 +339,7 @@ class UserHandler(Handler):
     def __init__(self, base: Handler, module: Any) -> None:
         self.base = base
         self.module = module
+        self.inline_preprocess = not hasattr(module, "preprocess")
         self.task = base.task
         self.inputs = base.inputs
         self.outputs = base.outputs
