@@ -649,3 +649,24 @@ def test_non_finite_outputs_are_valid_json_strings_and_exact_in_binary():
     np.testing.assert_array_equal(np.array(data, dtype=np.float32), want)  # as_numpy reads it
     length = int(v2_binary.headers["Inference-Header-Content-Length"])
     np.testing.assert_array_equal(np.frombuffer(v2_binary.content[length:], np.float32), want)
+
+
+def test_a_text_batch_runs_sorted_in_chunks_and_keeps_each_rows_answer(bert_folder, monkeypatch):
+    from fleetserve.tensor import handlers
+    from fleetserve.tensor.loading import load_model
+
+    model = load_model(str(bert_folder), LoadOptions(task="embed"))
+    assert any("onednn-packed" in repr(m) for m in model.modules())  # packed at load
+    handler = handlers.EmbeddingHandler(model, bert_folder)
+    texts = [" ".join(["word"] * n) for n in (9, 1, 5, 14, 2, 7, 3)]
+    rows = handler.tokenize(texts)
+    padded = []
+    monkeypatch.setattr(handlers, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(
+        handler, "forward", lambda rs, f=handler.forward: padded.append(len(rs)) or f(rs)
+    )
+    together = torch.stack(handler.predict(rows))
+    alone = torch.stack([handler.predict([row])[0] for row in rows])
+    assert padded[:3] == [3, 3, 1]  # 7 rows in chunks of at most 3
+    assert cosine_rows(together, alone).min() >= 0.9999
+    assert cosine_rows(together, reference_embeddings(bert_folder, texts)).min() >= 0.9999
