@@ -6,8 +6,16 @@ loop keeps accepting requests meanwhile), and hands each request its own rows' o
 `instances` > 1 the CPU cores are split between them: each worker pins itself to its share
 and sets torch's thread count for the kernels it starts.
 
+A request waits on an asyncio future of its own loop; a worker hands a whole batch's outputs
+to that loop in one `call_soon_threadsafe` (one wake-up per batch, not one per request). A
+request whose client left (`gone`) leaves the queue at once and never runs.
+
 Deadlines are checked whenever a worker looks for work: with every worker busy, a request
 past its deadline leaves when the first of them is done.
+
+On 2 cores one instance with torch's 2 threads served more than two pinned instances of one
+thread each at 64 clients (the instances contend for the GIL and for the cores the event loop
+needs), and less at one client (`benchmarks/README.md`); `--instances` pays on more cores.
 
 A batch that the model refuses (a shape it cannot take, say) is run again one request at a
 time, so that one bad request fails alone and never takes its batch-mates with it. Anything
