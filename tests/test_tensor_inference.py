@@ -20,7 +20,9 @@ class FakeState:
 
     def __init__(self) -> None:
         self.metrics = TensorMetrics("m", lambda: (0, 0))
-        self.handler = SimpleNamespace(key=lambda rows: "k")
+        self.handler = SimpleNamespace(
+            key=lambda rows: "k", inline_preprocess=False, inline_postprocess=False
+        )
         self.workers = self
         self.in_flight = 0
         self.queued = asyncio.Event()

@@ -84,9 +84,11 @@ class Handler:
     task = "tensor"
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
-    # The request path may run `rows_from_*` on the event loop for a small body: true of the
-    # built-in steps (bounded work), not of a user's `preprocess` (it may do anything).
+    # The request path may run `rows_from_*` / `to_*` on the event loop for a small body or
+    # answer: true of the built-in steps (bounded work), not of a user's `preprocess` or
+    # `postprocess` (they may do anything, sleep included).
     inline_preprocess = True
+    inline_postprocess = True
 
     def rows_from_json(self, data: Any) -> list:
         raise NotImplementedError
@@ -358,6 +360,7 @@ class UserHandler(Handler):
         self.base = base
         self.module = module
         self.inline_preprocess = not hasattr(module, "preprocess")
+        self.inline_postprocess = not hasattr(module, "postprocess")
         self.task = base.task
         self.inputs = base.inputs
         self.outputs = base.outputs

@@ -5,7 +5,7 @@ Where the time goes on a small request (a short sentence: ~0.1 ms to tokenize, a
 answer): each hop to a thread and back costs more than the work, and at one client the hops
 are the latency. So a small body is preprocessed and its answer built on the event loop; a
 large one (a long document, a big tensor) goes to a thread, where it cannot stall the loop.
-A handler with the user's own `preprocess` always runs it on a thread: it may do anything.
+A user's own `preprocess` or `postprocess` always runs on a thread: it may do anything.
 
 While a request waits for its batch, a watcher listens for the client's disconnect: a client
 that leaves takes its request out of the queue (it never runs, and is counted "cancelled").
@@ -77,7 +77,7 @@ async def infer(
     reason = "error"  # unless it ends one of the ways below
     watcher = None
     try:
-        if inline and getattr(handler, "inline_preprocess", False):
+        if inline and handler.inline_preprocess:
             rows = to_rows()
         else:
             rows = await asyncio.to_thread(to_rows)
@@ -85,7 +85,7 @@ async def infer(
         if receive is not None:
             watcher = asyncio.ensure_future(_disconnect(receive))
         outputs = await state.workers.infer(rows, key, priority, gone=watcher)
-        if _elements(outputs) <= INLINE_OUTPUT_ELEMENTS:
+        if handler.inline_postprocess and _elements(outputs) <= INLINE_OUTPUT_ELEMENTS:
             answer = to_answer(outputs)
         else:
             answer = await asyncio.to_thread(to_answer, outputs)
