@@ -1,7 +1,8 @@
 """all-MiniLM-L6-v2 embeddings of short sentences: fleetserve's tensor server against the
 seed's pattern (FastAPI, one forward per request, written plainly below), and LitServe and Ray
 Serve when their venvs exist (benchmarks/setup_tensor_peers.sh). One server at a time, a
-closed loop of 1, 16 and 64 clients; requests/s and p50/p99 latency, side by side.
+closed loop of 1, 16 and 64 clients; requests/s, p50/p99 latency and the server's CPU ms per
+request (steadier than req/s on a shared machine), side by side.
 
     flock /tmp/fleetserve-bench.lock .venv/bin/python benchmarks/predict.py
     .venv/bin/python benchmarks/predict.py --int8-accuracy    # int8 against fp32, no timing
