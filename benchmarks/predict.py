@@ -1,7 +1,8 @@
 """all-MiniLM-L6-v2 embeddings of short sentences: fleetserve's tensor server against the
 seed's pattern (FastAPI, one forward per request, written plainly below), and LitServe and Ray
 Serve when their venvs exist (benchmarks/setup_tensor_peers.sh). One server at a time, a
-closed loop of 1, 16 and 64 clients; requests/s and p50/p99 latency, side by side.
+closed loop of 1, 16 and 64 clients; requests/s, p50/p99 latency and the server's CPU ms per
+request (steadier than req/s on a shared machine), side by side.
 
     flock /tmp/fleetserve-bench.lock .venv/bin/python benchmarks/predict.py
     .venv/bin/python benchmarks/predict.py --int8-accuracy    # int8 against fp32, no timing
@@ -163,12 +164,13 @@ def serve_rayserve(folder: str, port: int) -> None:
 SERVE = {"seed": serve_seed, "litserve": serve_litserve, "rayserve": serve_rayserve}
 
 
-def server_command(name: str, folder: str, port: int) -> list[str] | None:
-    """The command that starts server `name` on `port`; None when its venv is missing."""
+def server_command(name: str, folder: str, port: int, extra: str = "") -> list[str] | None:
+    """The command that starts server `name` on `port`; None when its venv is missing.
+    `extra`: more options of `fleetserve serve` (e.g. "--instances 2")."""
     here = str(Path(__file__).resolve())
     if name in ("fleetserve", "fleetserve-int8"):
         cmd = [sys.executable, "-m", "fleetserve.cli", "--log-level", "WARNING", "serve", folder]
-        cmd += ["--task", "embed", "--port", str(port), "--max-batch-size", "32"]
+        cmd += ["--task", "embed", "--port", str(port), "--max-batch-size", "32", *extra.split()]
         return cmd + (["--quantization", "int8"] if name == "fleetserve-int8" else [])
     if name == "seed":
         return [sys.executable, here, "--serve", "seed", "--port", str(port)]
@@ -221,6 +223,23 @@ async def closed_loop(url: str, clients: int, seconds: float, texts: list[str]) 
     }
 
 
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of session `sid`: the
+    server and every process it started (LitServe's workers, Ray's actors). On a shared
+    machine this is steadier than the wall clock: CPU ms per request is what the server
+    costs, whoever else runs."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session ...
+            total += int(fields[11]) + int(fields[12])  # utime stime
+    return total / tick
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -243,9 +262,11 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise RuntimeError("server not ready in time")
 
 
-def measure(name: str, folder: str, levels: list[int], seconds: float, warmup: float) -> list:
+def measure(
+    name: str, folder: str, levels: list[int], seconds: float, warmup: float, extra: str = ""
+) -> list:
     port = free_port()
-    cmd = server_command(name, folder, port)
+    cmd = server_command(name, folder, port, extra)
     if cmd is None:
         print(f"{name}: skipped (no venv; run benchmarks/setup_tensor_peers.sh)", flush=True)
         return []
@@ -260,7 +281,11 @@ def measure(name: str, folder: str, levels: list[int], seconds: float, warmup: f
         wait_ready(url, proc)
         for clients in levels:
             asyncio.run(closed_loop(url, clients, warmup, texts))
+            cpu = session_cpu_s(proc.pid)
             row = {"server": name, **asyncio.run(closed_loop(url, clients, seconds, texts))}
+            used = session_cpu_s(proc.pid) - cpu
+            row["cpu_ms_per_req"] = used * 1000 / max(row["requests"], 1)
+            row["load_avg"] = os.getloadavg()[0]
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
@@ -291,7 +316,7 @@ def report(rows: list[dict]) -> None:
     seed = {c: statistics.median(r["req_per_s"] for r in g) for (s, c), g in groups.items()
             if s == "seed"}  # fmt: skip
     print(f"\n{'server':16} {'clients':>7} {'req/s (min-max)':>22} {'p50 ms':>8} "
-          f"{'p99 ms (min-max)':>20} {'x seed':>7}")  # fmt: skip
+          f"{'p99 ms (min-max)':>20} {'x seed':>7} {'CPU ms/req':>10}")  # fmt: skip
     for (server, clients), g in groups.items():
         rps = [r["req_per_s"] for r in g]
         p99 = [r["p99_ms"] for r in g]
@@ -300,7 +325,8 @@ def report(rows: list[dict]) -> None:
         print(
             f"{server:16} {clients:>7} {statistics.median(rps):>8.1f} "
             f"({min(rps):.1f}-{max(rps):.1f}){'':>2} {p50:>8.1f} "
-            f"{statistics.median(p99):>8.0f} ({min(p99):.0f}-{max(p99):.0f}) {ratio:>7.2f}"
+            f"{statistics.median(p99):>8.0f} ({min(p99):.0f}-{max(p99):.0f}) {ratio:>7.2f} "
+            f"{statistics.median(r['cpu_ms_per_req'] for r in g):>10.1f}"
         )
 
 
@@ -348,6 +374,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--fleetserve-args", default="", help='more `serve` options: "--instances 2"')
     p.add_argument("--int8-accuracy", type=int, nargs="?", const=1000, metavar="N")
     args = p.parse_args()
     folder = args.model or model_folder()
@@ -361,7 +388,7 @@ def main() -> None:
     rows = []
     for _ in range(args.repeats):
         for name in args.servers.split(","):
-            rows += measure(name, folder, levels, args.seconds, args.warmup)
+            rows += measure(name, folder, levels, args.seconds, args.warmup, args.fleetserve_args)
     out = ROOT / "bench-out" / f"predict-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))

@@ -4,12 +4,19 @@ a fake handler (no model)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
 
 from fleetserve.tensor.batcher import BatchConfig, BatchQueue, Pending, QueueFull, TooLarge
-from fleetserve.tensor.workers import ModelRefused, QueueTimeout, WorkerError, Workers
+from fleetserve.tensor.workers import (
+    ClientLeft,
+    ModelRefused,
+    QueueTimeout,
+    WorkerError,
+    Workers,
+)
 
 
 def req(rows=1, key="k", at=0.0, priority=0, timeout=10.0, name=None) -> Pending:
@@ -222,3 +229,71 @@ def test_a_worker_failing_outside_the_model_fails_its_batch_and_serves_the_next(
         assert workers.alive()
     finally:
         workers.stop()
+
+
+def test_a_request_whose_client_left_while_queued_never_runs():
+    handler = FakeHandler()
+    workers = Workers(handler, BatchConfig(max_batch_size=8))
+    workers.start()
+
+    async def main():
+        first = asyncio.ensure_future(workers.infer([1], "k"))
+        while not workers.load()[0]:  # the first batch runs (held at the gate)
+            await asyncio.sleep(0.001)
+        gone = asyncio.get_running_loop().create_future()
+        left = asyncio.ensure_future(workers.infer([5], "k", gone=gone))
+        stays = asyncio.ensure_future(workers.infer([7], "k"))
+        while workers.load()[1] < 2:
+            await asyncio.sleep(0.001)
+        gone.set_result(None)  # the client of [5] disconnects
+        with pytest.raises(ClientLeft):
+            await left
+        assert workers.load()[1] == 1  # out of the queue at once, not when a worker looks
+        handler.gate.set()
+        return await first, await stays
+
+    try:
+        assert asyncio.run(main()) == ([2], [14])
+    finally:
+        workers.stop()
+    assert handler.batches == [[1], [7]]
+
+
+class SlowBarrierHandler:
+    """Doubles each row; every batch waits at a two-party barrier, so a batch finishes only
+    while another instance runs one too, and records the thread that ran it."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=20)
+        self.threads: list[str] = []
+        self.cores: dict[str, set[int]] = {}
+
+    def predict(self, rows: list) -> list:
+        name = threading.current_thread().name
+        self.threads.append(name)
+        self.cores[name] = os.sched_getaffinity(0)  # this thread's
+        self.barrier.wait()
+        return [2 * r for r in rows]
+
+
+def test_two_instances_run_batches_side_by_side_with_correct_answers():
+    handler = SlowBarrierHandler()
+    workers = Workers(handler, BatchConfig(max_batch_size=1), instances=2)
+    workers.start()
+
+    async def main():
+        return await asyncio.wait_for(
+            asyncio.gather(*(workers.infer([v], "k") for v in range(6))), 30
+        )
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        workers.stop()
+    assert results == [[2 * v] for v in range(6)]
+    assert sorted(set(handler.threads)) == ["fleetserve-model-0", "fleetserve-model-1"]
+    assert workers.batches_run == [3, 3]
+    cores = os.sched_getaffinity(0)
+    if len(cores) >= 2:  # each instance pinned to its own half of the cores
+        first, second = handler.cores.values()
+        assert first and second and not first & second and first | second == cores

@@ -20,7 +20,9 @@ class FakeState:
 
     def __init__(self) -> None:
         self.metrics = TensorMetrics("m", lambda: (0, 0))
-        self.handler = SimpleNamespace(key=lambda rows: "k")
+        self.handler = SimpleNamespace(
+            key=lambda rows: "k", inline_preprocess=False, inline_postprocess=False
+        )
         self.workers = self
         self.in_flight = 0
         self.queued = asyncio.Event()
@@ -35,7 +37,7 @@ class FakeState:
     def leave(self) -> None:
         self.in_flight -= 1
 
-    async def infer(self, rows: list, key, priority: int) -> list:
+    async def infer(self, rows: list, key, priority: int, gone=None) -> list:
         self.queued.set()
         await self.answer.wait()
         return [2 * r for r in rows]

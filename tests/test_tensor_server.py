@@ -9,6 +9,7 @@ import base64
 import concurrent.futures
 import json
 import logging
+import socket
 import subprocess
 import sys
 
@@ -187,6 +188,8 @@ def test_tritonclient_metadata_and_infer_json_and_binary(embed_server, bert_fold
         ("/v1/embeddings", {"input": []}, 400, "input"),
         ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
         ("/v1/embeddings", {"input": [[1, 99999]]}, 400, "token ids"),
+        ("/v1/embeddings", {"input": [True]}, 400, "input"),  # not token id 1
+        ("/v1/embeddings", {"input": [[1, False]]}, 400, "input"),
         ("/predict", {"inputs": 5}, 400, "string"),
         ("/predict", {"nothing": 1}, 400, "inputs"),
         ("/predict", {"inputs": ["x"] * 9}, 400, "more than 8"),
@@ -204,6 +207,30 @@ def test_tritonclient_metadata_and_infer_json_and_binary(embed_server, bert_fold
             "BYTES",
         ),
         ("/v2/models/tiny-bert/infer", {"inputs": []}, 400, "inputs"),
+        (
+            "/v2/models/tiny-bert/infer",
+            {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}] * 2},
+            400,
+            "given twice",
+        ),
+        (
+            "/v2/models/tiny-bert/infer",
+            {
+                "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                "outputs": [{"name": "embedding", "parameters": {"binary_data": "false"}}],
+            },
+            400,
+            "binary_data must be true or false",
+        ),
+        (
+            "/v2/models/tiny-bert/infer",
+            {
+                "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                "parameters": {"binary_data_output": 1},
+            },
+            400,
+            "binary_data must be true or false",
+        ),
         ("/v2/models/other/infer", {"inputs": []}, 404, "unknown model"),
     ],
 )
@@ -503,9 +530,10 @@ def test_a_decoder_failure_nobody_foresaw_is_a_400_and_logged(tensor_server, mon
     assert any(r.exc_info and r.exc_info[0] is IndexError for r in caplog.records)
 
 
-def test_v2_bodies_are_decoded_off_the_event_loop(tensor_server, monkeypatch):
+def test_v2_bodies_are_decoded_off_the_event_loop_when_large(tensor_server, monkeypatch):
     """A large body takes the decoder a while (0.29 s for 3.8 MB); on the loop it would stall
-    every other request, health probes included."""
+    every other request, health probes included. A small one is decoded on the loop: the hop
+    to a thread and back costs more than decoding it."""
     decode, on_loop = kserve.decode_request, []
 
     def spy(body, header_length):
@@ -518,6 +546,127 @@ def test_v2_bodies_are_decoded_off_the_event_loop(tensor_server, monkeypatch):
 
     monkeypatch.setattr(kserve, "decode_request", spy)
     server, _ = tensor_server
-    resp = httpx.post(server.url + "/v2/models/tiny-net/infer", json={"inputs": ONE_ROW})
-    assert resp.status_code == 200, resp.text
-    assert on_loop == [False]
+    rows = 16  # the batch limit
+    large = [{"name": "input__0", "shape": [rows, 4], "datatype": "FP32",
+              "data": [0.123456789] * (rows * 4)}]  # fmt: skip
+    large[0]["parameters"] = {"padding": "x" * 10_000}  # over the inline limit
+    for body in ({"inputs": large}, {"inputs": ONE_ROW}):
+        resp = httpx.post(server.url + "/v2/models/tiny-net/infer", json=body)
+        assert resp.status_code == 200, resp.text
+    assert on_loop == [False, True]
+
+
+class RecordingGate(GatedHandler):
+    """GatedHandler that remembers the rows of every batch it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ran: list[list[list[float]]] = []
+
+    def predict(self, rows):
+        self.ran.append([r.tolist() for r in rows])
+        return super().predict(rows)
+
+
+def test_a_client_that_disconnects_takes_its_queued_request_with_it():
+    handler = RecordingGate()
+    settings = TensorSettings(
+        model="gated", served_model_name="gated", batch=BatchConfig(max_batch_size=1)
+    )
+    server = serve(settings, handler_factory=lambda _: handler)
+    state = server_state(server)
+    held_body = {"inputs": [[0.0, 1.0, 2.0, 3.0]]}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.post, server.url + "/predict", json=held_body, timeout=30)
+            wait_until(lambda: server.call(lambda: state.workers.load()[0]) == 1)
+            body = json.dumps({"inputs": [[9.0, 9.0, 9.0, 9.0]]}).encode()
+            host, port = server.url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(
+                    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                wait_until(lambda: server.call(lambda: state.workers.load()[1]) == 1)
+            # the socket is closed: the request leaves the queue before any worker is free
+            wait_until(lambda: server.call(lambda: state.workers.load()[1]) == 0)
+            handler.gate.set()
+            assert held.result().status_code == 200
+        counts = finished_counts(server)
+    finally:
+        handler.gate.set()
+        server.stop()
+    assert handler.ran == [[[0.0, 1.0, 2.0, 3.0]]]  # the one that left never ran
+    assert counts == {"ok": 1.0, "cancelled": 1.0}
+
+
+def finished_counts(server: ThreadServer) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics").text
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("fleetserve:request_success_total{"):
+            reason = line.split('finished_reason="')[1].split('"')[0]
+            counts[reason] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+class NonFinite(torch.nn.Module):
+    """x / 0: NaN for 0, +-Infinity for the rest."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / 0.0
+
+
+def test_non_finite_outputs_are_valid_json_strings_and_exact_in_binary():
+    settings = TensorSettings(model="nonfinite", served_model_name="nonfinite")
+    server = serve(settings, handler_factory=lambda _: TensorHandler(NonFinite()))
+    x = [[0.0, 1.0, -1.0, 2.0]]
+    infer = server.url + "/v2/models/nonfinite/infer"
+    v2_input = [{"name": "input__0", "shape": [1, 4], "datatype": "FP32", "data": x[0]}]
+    try:
+        predict = httpx.post(server.url + "/predict", json={"inputs": x})
+        v2_json = httpx.post(infer, json={"inputs": v2_input})
+        v2_binary = httpx.post(
+            infer,
+            json={"inputs": v2_input, "outputs": [
+                {"name": "output__0", "parameters": {"binary_data": True}}]},
+        )  # fmt: skip
+    finally:
+        server.stop()
+
+    def strict(text: str):
+        def refuse(token):
+            raise ValueError(f"bare {token} is not JSON")
+
+        return json.loads(text, parse_constant=refuse)
+
+    words = ["NaN", "Infinity", "-Infinity", "Infinity"]
+    assert strict(predict.text)["outputs"] == [words]
+    data = strict(v2_json.text)["outputs"][0]["data"]
+    assert data == words
+    want = np.array([np.nan, np.inf, -np.inf, np.inf], np.float32)
+    np.testing.assert_array_equal(np.array(data, dtype=np.float32), want)  # as_numpy reads it
+    length = int(v2_binary.headers["Inference-Header-Content-Length"])
+    np.testing.assert_array_equal(np.frombuffer(v2_binary.content[length:], np.float32), want)
+
+
+def test_a_text_batch_runs_sorted_in_chunks_and_keeps_each_rows_answer(bert_folder, monkeypatch):
+    from fleetserve.tensor import handlers
+    from fleetserve.tensor.loading import load_model
+
+    model = load_model(str(bert_folder), LoadOptions(task="embed"))
+    assert any("onednn-packed" in repr(m) for m in model.modules())  # packed at load
+    handler = handlers.EmbeddingHandler(model, bert_folder)
+    texts = [" ".join(["word"] * n) for n in (9, 1, 5, 14, 2, 7, 3)]
+    rows = handler.tokenize(texts)
+    padded = []
+    monkeypatch.setattr(handlers, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(
+        handler, "forward", lambda rs, f=handler.forward: padded.append(len(rs)) or f(rs)
+    )
+    together = torch.stack(handler.predict(rows))
+    alone = torch.stack([handler.predict([row])[0] for row in rows])
+    assert padded[:3] == [3, 3, 1]  # 7 rows in chunks of at most 3
+    assert cosine_rows(together, alone).min() >= 0.9999
+    assert cosine_rows(together, reference_embeddings(bert_folder, texts)).min() >= 0.9999

@@ -286,9 +286,10 @@ def _matches(token: bytes | None, key: str | None) -> bool:
     return token is not None and key is not None and hmac.compare_digest(token, key.encode())
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """FastAPI dependency of the client routes (/v1): the bearer token must be --api-key or
-    --operator-key. Open only when neither is set."""
+    --operator-key. Open only when neither is set. A coroutine because FastAPI runs a plain
+    function dependency on its thread pool: a thread hand-off on every request."""
     settings = get_state(request).settings
     if not settings.api_key and not settings.operator_key:
         return
@@ -301,7 +302,7 @@ def require_api_key(request: Request) -> None:
         )
 
 
-def require_operator_key(request: Request) -> None:
+async def require_operator_key(request: Request) -> None:
     """FastAPI dependency of the operator routes (/metrics, /docs, /openapi.json,
     /v1/kv_events): once any key is configured they need --operator-key; a client key is
     403. A server with no key at all is an open development server."""

@@ -7,13 +7,14 @@ import base64
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from fleetserve.server.errors import invalid
 from fleetserve.server.state import require_api_key
 from fleetserve.tensor.handlers import TextHandler
-from fleetserve.tensor.inference import get_state, infer
+from fleetserve.tensor.inference import get_state, infer, small_body
+from fleetserve.tensor.jsonout import json_response
 from fleetserve.tensor.state import TensorState
 
 State = Annotated[TensorState, Depends(get_state)]
@@ -33,22 +34,26 @@ class PredictRequest(BaseModel):
 
 
 @router.post("/predict", tags=["tensor"])
-async def predict(body: PredictRequest, state: State) -> dict:
-    """The model's answer for `inputs`, batched with other requests behind the scenes."""
+async def predict(body: PredictRequest, state: State, request: Request) -> Response:
+    """The model's answer for `inputs`, batched with other requests behind the scenes.
+    Non-finite floats in `outputs` are the strings "NaN", "Infinity", "-Infinity"."""
     state.check_ready()
     handler = state.handler
-    outputs, _ = await infer(
+    name = state.settings.served_model_name
+    response, _ = await infer(
         state,
         lambda: handler.rows_from_json(body.inputs),
-        handler.to_json,
+        lambda outputs: json_response({"model": name, "outputs": handler.to_json(outputs)}),
         body.priority,
+        inline=small_body(request),
+        receive=request.receive,
     )
-    return {"model": state.settings.served_model_name, "outputs": outputs}
+    return response
 
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # true is no token id
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
@@ -56,7 +61,7 @@ class EmbeddingRequest(BaseModel):
 
 
 @router.post("/v1/embeddings", tags=["tensor"])
-async def embeddings(body: EmbeddingRequest, state: State) -> dict:
+async def embeddings(body: EmbeddingRequest, state: State, request: Request) -> Response:
     """OpenAI's embeddings API: texts (or token-id lists) in, one vector each out; base64 is
     the little-endian float32 bytes."""
     state.check_ready()
@@ -67,23 +72,36 @@ async def embeddings(body: EmbeddingRequest, state: State) -> dict:
     if body.dimensions is not None:
         raise invalid("this model has no reduced dimensions; leave 'dimensions' out", "dimensions")
     rows_of = _rows_maker(handler, body.input)
-    vectors, rows = await infer(state, rows_of, lambda outputs: outputs)
-    data = []
-    for i, vector in enumerate(vectors):
-        values = vector.numpy().astype(np.float32)
-        embedding: Any = (
-            base64.b64encode(values.astype("<f4").tobytes()).decode()
-            if body.encoding_format == "base64"
-            else values.tolist()
+    rows: list = []
+
+    def answer(vectors: list) -> Response:
+        data = []
+        for i, vector in enumerate(vectors):
+            values = vector.numpy().astype(np.float32)
+            embedding: Any = (
+                base64.b64encode(values.astype("<f4").tobytes()).decode()
+                if body.encoding_format == "base64"
+                else values.tolist()
+            )
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        tokens = sum(len(row) for row in rows)
+        return json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
         )
-        data.append({"object": "embedding", "index": i, "embedding": embedding})
-    tokens = sum(len(row) for row in rows)
-    return {
-        "object": "list",
-        "data": data,
-        "model": name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+
+    def to_rows() -> list:
+        rows.extend(rows_of())
+        return rows
+
+    response, _ = await infer(
+        state, to_rows, answer, inline=small_body(request), receive=request.receive
+    )
+    return response
 
 
 def _rows_maker(handler: TextHandler, value: Any):

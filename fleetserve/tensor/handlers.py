@@ -29,6 +29,7 @@ import torch
 from fleetserve.tensor.loading import ModelLoadError, exported_input
 
 MIN_LENGTH_BUCKET = 16  # token lengths are bucketed to powers of two from here
+CHUNK_ROWS = 16  # a text batch runs as chunks of this many rows of similar length
 
 
 class BadInput(ValueError):
@@ -83,6 +84,11 @@ class Handler:
     task = "tensor"
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    # The request path may run `rows_from_*` / `to_*` on the event loop for a small body or
+    # answer: true of the built-in steps (bounded work), not of a user's `preprocess` or
+    # `postprocess` (they may do anything, sleep included).
+    inline_preprocess = True
+    inline_postprocess = True
 
     def rows_from_json(self, data: Any) -> list:
         raise NotImplementedError
@@ -203,8 +209,9 @@ class TensorHandler(Handler):
 
 class TextHandler(Handler):
     """Texts in, tokenized once with the model's own tokenizer (truncated to the model's
-    length). Rows are token-id lists; a batch pads them to its longest, and requests are
-    bucketed by powers of two of their longest row so that padding stays under 2x."""
+    length). Rows are token-id lists; requests are bucketed by powers of two of their longest
+    row so that padding stays under 2x, and a batch runs sorted by length in chunks, each
+    padded to its own longest."""
 
     def __init__(self, model: torch.nn.Module, folder: str | Path) -> None:
         from tokenizers import Tokenizer
@@ -257,6 +264,7 @@ class TextHandler(Handler):
         return max(MIN_LENGTH_BUCKET, 1 << math.ceil(math.log2(max(longest, 1))))
 
     def forward(self, rows: list[list[int]]):
+        """The model over `rows` padded to their longest: (its output, the attention mask)."""
         longest = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -265,6 +273,21 @@ class TextHandler(Handler):
             attention_mask[i, : len(row)] = 1
         with torch.inference_mode():
             return self.model(input_ids=input_ids, attention_mask=attention_mask), attention_mask
+
+    def predict(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        """`predict_padded` over the rows sorted by length, `CHUNK_ROWS` at a time, each chunk
+        padded to its own longest: a batch of 32 sentences of 7-30 tokens takes 29% less CPU
+        than padding all 32 to the longest (`benchmarks/README.md`)."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        outputs: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
+        for start in range(0, len(order), CHUNK_ROWS):
+            chunk = order[start : start + CHUNK_ROWS]
+            for i, output in zip(chunk, self.predict_padded([rows[i] for i in chunk]), strict=True):
+                outputs[i] = output
+        return outputs
+
+    def predict_padded(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        raise NotImplementedError
 
 
 class EmbeddingHandler(TextHandler):
@@ -278,7 +301,7 @@ class EmbeddingHandler(TextHandler):
         self.normalize = normalize
         self.outputs = (TensorSpec("embedding", "FP32", (-1, model.config.hidden_size)),)
 
-    def predict(self, rows: list[list[int]]) -> list[torch.Tensor]:
+    def predict_padded(self, rows: list[list[int]]) -> list[torch.Tensor]:
         out, mask = self.forward(rows)
         # hidden: [B, S, H]; mask: [B, S]
         hidden = out.last_hidden_state
@@ -309,7 +332,7 @@ class ClassificationHandler(TextHandler):
             TensorSpec("label", "BYTES", (-1,)),
         )
 
-    def predict(self, rows: list[list[int]]) -> list[torch.Tensor]:
+    def predict_padded(self, rows: list[list[int]]) -> list[torch.Tensor]:
         out, _ = self.forward(rows)
         return list(out.logits.float().softmax(-1).unbind(0))
 
@@ -336,6 +359,8 @@ class UserHandler(Handler):
     def __init__(self, base: Handler, module: Any) -> None:
         self.base = base
         self.module = module
+        self.inline_preprocess = not hasattr(module, "preprocess")
+        self.inline_postprocess = not hasattr(module, "postprocess")
         self.task = base.task
         self.inputs = base.inputs
         self.outputs = base.outputs

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fleetserve.tensor.handlers import V2_TO_NUMPY, BadInput
+from fleetserve.tensor.jsonout import dumps
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -46,6 +47,8 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[s
     for item in inputs:
         array, used = _decode_input(item, binary, offset, len(body))
         offset += used
+        if item["name"] in tensors:
+            raise BadInput(f"input {item['name']!r} is given twice")
         tensors[item["name"]] = array
     if offset != len(binary):
         raise BadInput(f"{len(binary) - offset} bytes of binary data belong to no input")
@@ -151,6 +154,13 @@ def _datatype(array: np.ndarray) -> str:
     return next(n for n, t in V2_TO_NUMPY.items() if np.dtype(t) == array.dtype)
 
 
+def _flag(value: Any, where: str) -> bool:
+    """A JSON boolean; the string "false" is not false (Triton refuses it too)."""
+    if not isinstance(value, bool):
+        raise BadInput(f"{where}: binary_data must be true or false, got {value!r}")
+    return value
+
+
 def encode_response(
     model_name: str, request: dict, outputs: dict[str, np.ndarray]
 ) -> tuple[bytes, dict[str, str]]:
@@ -158,7 +168,10 @@ def encode_response(
     when it names none); binary where it asks."""
     wanted = request.get("outputs")
     params = request.get("parameters") or {}
-    binary_default = bool(isinstance(params, dict) and params.get("binary_data_output"))
+    binary_default = _flag(
+        params.get("binary_data_output", False) if isinstance(params, dict) else False,
+        "parameters.binary_data_output",
+    )
     if isinstance(wanted, list) and wanted:
         selected = []
         for spec in wanted:
@@ -168,8 +181,8 @@ def encode_response(
             spec_params = spec.get("parameters") or {}
             if not isinstance(spec_params, dict):
                 raise BadInput(f"output {name!r}: 'parameters' must be an object")
-            binary = spec_params.get("binary_data", binary_default)
-            selected.append((name, bool(binary)))
+            binary = _flag(spec_params.get("binary_data", binary_default), f"output {name!r}")
+            selected.append((name, binary))
     else:
         selected = [(name, binary_default) for name in outputs]
     described, chunks = [], []
@@ -196,7 +209,7 @@ def encode_response(
     header: dict[str, Any] = {"model_name": model_name, "outputs": described}
     if isinstance(request.get("id"), str):
         header["id"] = request["id"]
-    json_part = json.dumps(header).encode()
+    json_part = dumps(header)  # NaN/Infinity as strings: valid JSON (jsonout.py)
     if not chunks:
         return json_part, {}
     return json_part + b"".join(chunks), {"Inference-Header-Content-Length": str(len(json_part))}

@@ -6,8 +6,16 @@ loop keeps accepting requests meanwhile), and hands each request its own rows' o
 `instances` > 1 the CPU cores are split between them: each worker pins itself to its share
 and sets torch's thread count for the kernels it starts.
 
+A request waits on an asyncio future of its own loop; a worker hands a whole batch's outputs
+to that loop in one `call_soon_threadsafe` (one wake-up per batch, not one per request). A
+request whose client left (`gone`) leaves the queue at once and never runs.
+
 Deadlines are checked whenever a worker looks for work: with every worker busy, a request
 past its deadline leaves when the first of them is done.
+
+On 2 cores one instance with torch's 2 threads served more than two pinned instances of one
+thread each at 64 clients (the instances contend for the GIL and for the cores the event loop
+needs), and less at one client (`benchmarks/README.md`); `--instances` pays on more cores.
 
 A batch that the model refuses (a shape it cannot take, say) is run again one request at a
 time, so that one bad request fails alone and never takes its batch-mates with it. Anything
@@ -23,7 +31,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, InvalidStateError
 
 import torch
 
@@ -44,6 +51,10 @@ class ModelRefused(Exception):
 
 class WorkerError(Exception):
     """The worker failed on this request's batch outside the model: a bug (HTTP 500)."""
+
+
+class ClientLeft(Exception):
+    """The client disconnected before its request ran; the request never will."""
 
 
 class Workers:
@@ -69,6 +80,7 @@ class Workers:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._running: dict[int, tuple[float, int]] = {}  # worker -> (batch start, requests)
+        self.batches_run = [0] * instances  # batches each instance has finished
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -105,12 +117,19 @@ class Workers:
 
     # ---- the door ---------------------------------------------------------------------------
 
-    async def infer(self, rows: list, key: Hashable, priority: int = 0) -> list:
+    async def infer(
+        self,
+        rows: list,
+        key: Hashable,
+        priority: int = 0,
+        gone: asyncio.Future | None = None,
+    ) -> list:
         """The outputs of `rows` (one per row), once a worker has run them in some batch.
         Raises `QueueFull`/`TooLarge` at once, `QueueTimeout` after the deadline,
-        `ModelRefused` if the model raises on these rows alone."""
+        `ModelRefused` if the model raises on these rows alone, and `ClientLeft` when `gone`
+        (the client's disconnect) finishes first: a request still queued then never runs."""
         now = self.clock()
-        future: Future = Future()
+        future = asyncio.get_running_loop().create_future()
         request = Pending(
             num_rows=len(rows),
             key=key,
@@ -122,11 +141,15 @@ class Workers:
         with self._cond:
             self.queue.submit(request)
             self._cond.notify()
+        if gone is not None:
+            gone.add_done_callback(lambda _: future.cancel())
         try:
-            return await asyncio.wrap_future(future)
+            return await future
         except asyncio.CancelledError:  # the client left: free its place if it still waits
             with self._cond:
                 self.queue.cancel(request)
+            if gone is not None and gone.done() and not _cancelling():
+                raise ClientLeft("the client closed the connection") from None
             raise
 
     # ---- the worker -------------------------------------------------------------------------
@@ -139,23 +162,32 @@ class Workers:
             batch = self._next(index)
             if batch is None:
                 return
+            outcomes: dict[Pending, object] = {}  # request -> its outputs or its exception
             try:
-                self._run(batch)
+                self._run(batch, outcomes)
             except Exception:
                 logger.exception("a model worker failed outside the model on a batch")
-            finally:  # no future is left waiting forever; those already settled stay so
-                for request in batch:
-                    _fail(request, WorkerError("the server failed on this batch (see its log)"))
+            finally:  # no request is left waiting forever
+                failed = WorkerError("the server failed on this batch (see its log)")
                 with self._cond:
                     del self._running[index]
+                    self.batches_run[index] += 1
+                _deliver([(r, outcomes.get(r, failed)) for r in batch])
 
     def _next(self, index: int) -> list[Pending] | None:
         with self._cond:
             while not self._stopping:
                 now = self.clock()
-                for request in self.queue.pop_expired(now):
-                    _fail(request, QueueTimeout(f"waited {now - request.arrival:.1f} s in queue"))
-                    self._count("timeout")
+                expired = self.queue.pop_expired(now)
+                if expired:
+                    _deliver(
+                        [
+                            (r, QueueTimeout(f"waited {now - r.arrival:.1f} s in queue"))
+                            for r in expired
+                        ]
+                    )
+                    for _ in expired:
+                        self._count("timeout")
                 decision = self.queue.next_batch(now)
                 if isinstance(decision, list):
                     self._running[index] = (now, len(decision))
@@ -163,7 +195,8 @@ class Workers:
                 self._cond.wait(None if decision is None else max(0.0, decision - now))
             return None
 
-    def _run(self, batch: list[Pending]) -> None:
+    def _run(self, batch: list[Pending], outcomes: dict[Pending, object]) -> None:
+        """Runs `batch`, filling `outcomes` with each request's outputs or exception."""
         start = self.clock()
         rows = [row for request in batch for row in request.payload[0]]
         try:
@@ -171,10 +204,10 @@ class Workers:
         except Exception as exc:  # noqa: BLE001 - the model's error, whatever it is
             if len(batch) > 1:
                 for request in batch:  # find the culprit: each request alone
-                    self._run([request])
+                    self._run([request], outcomes)
                 return
             logger.info("the model refused a request: %s", exc)
-            _fail(batch[0], ModelRefused(_first_line(exc)))
+            outcomes[batch[0]] = ModelRefused(_first_line(exc))
             self._count("bad_input")
             return
         assert len(outputs) == len(rows), "predict must give one output per row"
@@ -186,8 +219,7 @@ class Workers:
                 self.metrics.queue.labels(name).observe(start - request.arrival)
         offset = 0
         for request in batch:
-            future: Future = request.payload[1]
-            _settle(future, outputs[offset : offset + request.num_rows])
+            outcomes[request] = outputs[offset : offset + request.num_rows]
             offset += request.num_rows
 
     def _count(self, reason: str) -> None:
@@ -195,18 +227,35 @@ class Workers:
             self.metrics.finished.labels(self.metrics.model_name, reason).inc()
 
 
-def _settle(future: Future, result: list) -> None:
-    try:
-        future.set_result(result)
-    except InvalidStateError:  # its client left (the future was cancelled)
-        pass
+def _deliver(outcomes: list[tuple[Pending, object]]) -> None:
+    """Hands each request its outputs (or exception) on its event loop: one wake-up of each
+    loop for the whole batch, not one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for request, outcome in outcomes:
+        future: asyncio.Future = request.payload[1]
+        by_loop.setdefault(future.get_loop(), []).append((future, outcome))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, items)
+        except RuntimeError:  # that loop is closed: nobody waits any more
+            pass
 
 
-def _fail(request: Pending, exc: Exception) -> None:
-    try:
-        request.payload[1].set_exception(exc)
-    except InvalidStateError:
-        pass
+def _settle(items: list[tuple[asyncio.Future, object]]) -> None:
+    """On the loop: each future gets its outcome, unless its client left (cancelled)."""
+    for future, outcome in items:
+        if future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (not just a future it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _first_line(exc: BaseException) -> str:
