@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 
 import httpx
 import pytest
@@ -112,3 +113,49 @@ def test_a_garbage_state_answer_is_a_failed_poll(response, words):
     # last good report
     assert not healthy and not peer.healthy and peer.failures == 1
     assert words in peer.last_error
+
+
+# ---- a peer that does not list this region -------------------------------------------------
+
+
+def test_a_peer_that_does_not_list_this_region_refuses_and_the_request_is_served_here():
+    # A lists B; B (a typo, a region added on one side first) does not list A. B's refusal
+    # of A's spill was a 400, which A passed to its client as the request's own fault.
+    from gateway_harness import free_port, wait_until
+    from test_gateway_regions import BODY, CLIENT, Region, served
+
+    port_a, port_b = free_port(), free_port()
+    a = Region("a", port_a, [("b", port_b)])
+    b = Region("b", port_b, [])
+    try:
+        wait_until(lambda: a.gw.regions.peers["b"].serving and a.gw.any_accepting(), what="up")
+        a.gw.dispatcher.waits.mean_service_s = 100.0
+        a.gw.replicas["r0"].outstanding = a.gw.config.max_outstanding_per_replica
+        answer = {}
+
+        def send():
+            answer["resp"] = httpx.post(
+                f"{a.url}/v1/completions", json=BODY, headers=CLIENT, timeout=20
+            )
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        wait_until(
+            lambda: (
+                a.metric("fleetserve:gateway_region_fallbacks_total", region="b") == 1
+                or not thread.is_alive()
+            ),
+            what="the fallback",
+        )
+
+        def free_a_slot():
+            a.gw.replicas["r0"].outstanding = 0
+            a.gw.notify_changed()
+
+        a.front.call(free_a_slot)
+        thread.join(20)
+        assert answer["resp"].status_code == 200, answer["resp"].text
+        assert served(a) == 1 and served(b) == 0
+    finally:
+        a.close()
+        b.close()
