@@ -159,3 +159,98 @@ def test_a_peer_that_does_not_list_this_region_refuses_and_the_request_is_served
     finally:
         a.close()
         b.close()
+
+
+# ---- regions files that would never finish, or say nothing ---------------------------------
+
+
+def _world(**changes):
+    import copy
+
+    from test_plan import REGIONS
+
+    from fleetserve.sim.regional_spec import regions_from_mapping
+
+    data = copy.deepcopy(REGIONS)
+    region = changes.pop("region", {})
+    data["regions"][0].update(region)
+    data.update(changes)
+    return regions_from_mapping(data, "regions file")
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        # these ran for ever (a billion simulated replicas, or requests)
+        ({"region": {"replicas": 10**9}}, "replicas"),
+        ({"region": {"replicas": [10**30] * 24}}, "replicas"),
+        ({"region": {"autoscale": {"min": 1, "max": 10**9}}}, "autoscale"),
+        ({"day_s": 1e300}, "requests"),
+        ({"region": {"traffic": {"peak_rps": 1e12}}}, "requests"),
+        # outages the run never reaches (or reached at once, for no time): said nothing
+        ({"outages": [{"region": "east", "at_h": 30, "for_h": 1}]}, "outside"),
+        ({"start_hour": 20, "outages": [{"region": "east", "at_h": 10, "for_h": 1}]}, "outside"),
+        ({"outages": [{"region": "east", "at_h": 3, "for_h": 0}]}, "for_h"),
+        # a round trip given twice, differently: one silently won
+        ({"rtt_ms": {"east": {"west": 90}, "west": {"east": 10}}}, "twice"),
+    ],
+    ids=lambda v: str(v)[:40] if isinstance(v, dict) else v,
+)
+def test_a_regions_file_that_would_hang_or_mislead_is_a_clear_error(changes, words):
+    with pytest.raises(ValueError, match=words):
+        _world(**changes)
+
+
+def test_a_regions_file_within_bounds_still_loads():
+    spec = _world(
+        start_hour=20,
+        outages=[{"region": "east", "at_h": 34, "for_h": 1}],  # 10:00 the next day
+        rtt_ms={"east": {"west": 90}, "west": {"east": 90}},  # both orders, the same
+        region={"replicas": 64},
+    )
+    assert spec.outages[0].at_h == 34 and spec.rtt("west", "east") == 0.09
+
+
+# ---- plan: SLOs no size meets, absurd sizes ------------------------------------------------
+
+
+def test_plan_with_an_slo_no_size_meets_ends_and_says_so(tmp_path, capsys):
+    from test_plan import files
+
+    from fleetserve.cli import main
+
+    argv = ["plan", *files(tmp_path), "--ttft-p99", "0.001", "--max-replicas", "2"]
+    assert main(argv) == 1  # was a ValueError traceback
+    err = capsys.readouterr().err
+    assert "no plan meets the SLOs" in err and "--max-replicas 2" in err
+
+
+@pytest.mark.parametrize("size", ["0", "1000000000"])
+def test_plan_with_an_absurd_max_replicas_is_a_usage_error(tmp_path, capsys, size):
+    from test_plan import files
+
+    from fleetserve.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", *files(tmp_path), "--ttft-p99", "250", "--max-replicas", size])
+    assert exc.value.code == 2
+    assert "--max-replicas" in capsys.readouterr().err
+
+
+def test_an_outage_to_the_end_of_time_ends_with_the_run(tmp_path):
+    # for_h: 1e300 schedules the region's return at t = 1e300 h: the run must still end
+    # when its traffic does (and count the dark region's failovers).
+    import copy
+    import json
+
+    from test_plan import REGIONS, files
+
+    from fleetserve.cli import main
+
+    regions = copy.deepcopy(REGIONS)
+    regions.update(hours=3, outages=[{"region": "west", "at_h": 1, "for_h": 1e300}])
+    argv = ["simulate", *files(tmp_path, regions=regions), "--no-plots"]
+    argv = [a for a in argv if a not in ("--window", "8")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["regions"]["by_region"]["west"]["decisions"]["failover"] > 0
