@@ -254,3 +254,18 @@ def test_an_outage_to_the_end_of_time_ends_with_the_run(tmp_path):
     assert main(argv) == 0
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert report["regions"]["by_region"]["west"]["decisions"]["failover"] > 0
+
+
+@pytest.mark.parametrize("key", ["on_demand_per_h", "spot_per_h"])
+def test_an_absurd_price_is_a_clear_error(key):
+    # 1e308 $/h made the day's cost inf, and writing bench.json raised (JSON has no inf)
+    from fleetserve.sim.regional_spec import prices_from_mapping
+
+    with pytest.raises(ValueError, match=key):
+        prices_from_mapping({"east": {"on_demand_per_h": 1.0, key: 1e308}})
+
+
+def test_a_bad_regional_section_is_named_once():
+    with pytest.raises(ValueError) as exc:
+        _world(regional={"x": 1})
+    assert str(exc.value).count("regions file") == 1, exc.value

@@ -51,6 +51,7 @@ HOURS = 24
 # once rather than a simulation that never ends. Far above any region worth simulating.
 MAX_REPLICAS = 1024  # per region and hour (and an autoscaler's max)
 MAX_REQUESTS = 10_000_000  # expected over the run, all regions together
+MAX_PRICE_PER_H = 1e6  # $ a replica-hour (a day's cost must stay a finite JSON number)
 
 
 def _number(where: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
@@ -154,9 +155,9 @@ class Price:
     spot_restart_s: float = 60.0  # a preempted spot replica is back this long after
 
     def __post_init__(self) -> None:
-        _number("on_demand_per_h", self.on_demand_per_h)
+        _number("on_demand_per_h", self.on_demand_per_h, 0.0, MAX_PRICE_PER_H)
         if self.spot_per_h is not None:
-            _number("spot_per_h", self.spot_per_h)
+            _number("spot_per_h", self.spot_per_h, 0.0, MAX_PRICE_PER_H)
         _number("spot_preemptions_per_h", self.spot_preemptions_per_h)
         _number("spot_restart_s", self.spot_restart_s)
 
@@ -354,9 +355,9 @@ def regions_from_mapping(data: dict, where: str = "regions file") -> RegionsSpec
         if "region" not in o or "at_h" not in o or "for_h" not in o:
             raise ValueError(f"{where}: outages[{i}] needs region, at_h and for_h")
         outages.append(Outage(o["region"], o["at_h"], o["for_h"]))
-    regional = data.get("regional", {})
+    regional = _only(f"{where}: regional", data.get("regional", {}), _config_keys())
     try:
-        regional_config = RegionalConfig(**_only(f"{where}: regional", regional, _config_keys()))
+        regional_config = RegionalConfig(**regional)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where}: regional: {exc}") from None
     return RegionsSpec(
