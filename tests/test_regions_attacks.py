@@ -269,3 +269,142 @@ def test_a_bad_regional_section_is_named_once():
     with pytest.raises(ValueError) as exc:
         _world(regional={"x": 1})
     assert str(exc.value).count("regions file") == 1, exc.value
+
+
+# ---- a recording peer: what a spilled request carries, and a client that leaves ------------
+
+
+class RecordingPeer:
+    """Region b's gateway, faked: its state says it is idle; its completions route records
+    each request's headers and answers as `mode` says."""
+
+    def __init__(self) -> None:
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse, RedirectResponse
+        from starlette.routing import Route
+
+        self.headers: list[dict[str, str]] = []
+        self.mode = "ok"
+        self.release = None  # an asyncio.Event on the server's loop, for mode "hang"
+
+        async def state(request):
+            return JSONResponse({**GOOD, "free_slots": 4, "queue_length": 0})
+
+        async def completions(request):
+            self.headers.append(dict(request.headers))
+            await request.body()
+            if self.mode == "redirect":
+                return RedirectResponse("http://127.0.0.1:9/v1/completions", status_code=307)
+            if self.mode == "hang":
+                self.release = asyncio.Event()
+                await self.release.wait()
+            return JSONResponse({"choices": [{"text": "from b"}], "usage": {"total_tokens": 3}})
+
+        self.app = Starlette(
+            routes=[
+                Route("/region/state", state),
+                Route("/v1/completions", completions, methods=["POST"]),
+            ]
+        )
+
+
+@pytest.fixture
+def spilling():
+    """Gateway a (client key `client-key`), its replica busy, and the recording peer b."""
+    from gateway_harness import ThreadServer, free_port, wait_until
+    from test_gateway_regions import Region
+
+    peer = RecordingPeer()
+    port_b = free_port()
+    front_b = ThreadServer(peer.app, port=port_b).start()
+    a = Region("a", free_port(), [("b", port_b)])
+    try:
+        wait_until(lambda: a.gw.regions.peers["b"].serving and a.gw.any_accepting(), what="up")
+        a.gw.dispatcher.waits.mean_service_s = 100.0
+        a.gw.replicas["r0"].outstanding = a.gw.config.max_outstanding_per_replica
+        yield a, peer
+    finally:
+        a.close()
+        front_b.stop()
+
+
+def test_a_spilled_request_carries_the_peer_key_and_nothing_of_the_client(spilling):
+    from test_gateway_regions import BODY
+
+    a, peer = spilling
+    client = {
+        "Authorization": "Bearer client-key",
+        "Cookie": "session=client-secret",
+        "X-Api-Key": "client-secret",
+        "X-Fleetserve-Priority": "batch",  # a client cannot set the peers' headers
+        "Proxy-Authorization": "Basic client-secret",
+        "X-Request-Id": "rid-1",
+    }
+    resp = httpx.post(f"{a.url}/v1/completions", json=BODY, headers=client, timeout=20)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == "from b"
+    assert resp.headers["x-request-id"] == "rid-1"
+    (got,) = peer.headers
+    assert got["authorization"] == f"Bearer {PEER_KEY}"
+    assert got["x-fleetserve-spilled-from"] == "a"
+    assert got["x-fleetserve-priority"] == "normal"  # the client key's class, not its say
+    assert not any("client" in value for value in got.values()), got
+    assert "cookie" not in got and "proxy-authorization" not in got
+
+
+def test_a_peer_redirecting_a_spill_is_not_followed_and_the_request_is_served_here(spilling):
+    import threading
+
+    from gateway_harness import wait_until
+    from test_gateway_regions import BODY, CLIENT, served
+
+    a, peer = spilling
+    peer.mode = "redirect"
+    answer = {}
+
+    def send():
+        answer["resp"] = httpx.post(
+            f"{a.url}/v1/completions", json=BODY, headers=CLIENT, timeout=20
+        )
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    wait_until(lambda: a.metric("fleetserve:gateway_region_fallbacks_total", region="b") == 1,
+               what="the fallback")  # fmt: skip
+
+    def free_a_slot():
+        a.gw.replicas["r0"].outstanding = 0
+        a.gw.notify_changed()
+
+    a.front.call(free_a_slot)
+    thread.join(20)
+    assert answer["resp"].status_code == 200 and served(a) == 1
+    assert len(peer.headers) == 1  # asked once; the redirect's target never
+
+
+def test_a_client_leaving_a_spilled_request_frees_its_admission_and_the_peer_count(spilling):
+    import threading
+
+    from gateway_harness import wait_until
+    from test_gateway_regions import BODY, CLIENT
+
+    a, peer = spilling
+    peer.mode = "hang"
+
+    def send():
+        try:
+            httpx.post(f"{a.url}/v1/completions", json=BODY, headers=CLIENT, timeout=1.0)
+        except httpx.TimeoutException:
+            pass  # the client gives up and closes its connection
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    wait_until(lambda: len(peer.headers) == 1, what="the spill")
+    assert a.gw.regions.peers["b"].in_flight == 1
+    thread.join(10)
+    wait_until(lambda: a.gw.regions.peers["b"].in_flight == 0, what="the peer's count back")
+    wait_until(
+        lambda: a.metric("fleetserve:gateway_requests_total", status="499") == 1,
+        what="a 499",
+    )
+    state = a.gw.admission._keys["default"]
+    assert state.concurrent == 0
