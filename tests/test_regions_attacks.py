@@ -408,3 +408,14 @@ def test_a_client_leaving_a_spilled_request_frees_its_admission_and_the_peer_cou
     )
     state = a.gw.admission._keys["default"]
     assert state.concurrent == 0
+
+
+@pytest.mark.parametrize(
+    "key", [f"{PEER_KEY}\n", f" {PEER_KEY}", "peer secret with spaces", "k\x00" * 9]
+)
+def test_a_peer_key_no_header_can_carry_is_refused(key):
+    # A key with a newline (an env var from a file) could not be sent (h11 refuses the
+    # header: every poll failed) nor matched (the presented key is stripped): the peers
+    # never saw each other, and nothing said why.
+    with pytest.raises(ValueError, match="peer key"):
+        RegionsConfig("a", (PeerConfig("b", "http://peer-b:8000"),), peer_key=key)

@@ -109,6 +109,12 @@ class RegionsConfig:
             )
         if self.peer_key is not None and len(self.peer_key) < 16:
             raise ValueError("the peer key must be at least 16 characters")
+        if self.peer_key is not None and not all("!" <= c <= "~" for c in self.peer_key):
+            # a newline (an env var read from a file) cannot go in a header, and spaces at
+            # either end are stripped from the presented key: the peers never matched
+            raise ValueError(
+                "the peer key must be visible ASCII characters only (no spaces or newlines)"
+            )
         for name in ("poll_interval_s", "poll_timeout_s", "rtt_alpha"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
