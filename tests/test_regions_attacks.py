@@ -419,3 +419,12 @@ def test_a_peer_key_no_header_can_carry_is_refused(key):
     # never saw each other, and nothing said why.
     with pytest.raises(ValueError, match="peer key"):
         RegionsConfig("a", (PeerConfig("b", "http://peer-b:8000"),), peer_key=key)
+
+
+@pytest.mark.parametrize("name", ["poll_interval_s", "poll_timeout_s"])
+def test_a_poll_period_past_an_hour_is_refused(name):
+    # poll_timeout_s: 1e300 let a peer that stopped answering mid-poll stay "healthy" on its
+    # last report for ever; poll_interval_s: 1e300 polled a peer once.
+    peers = (PeerConfig("b", "http://peer-b:8000"),)
+    with pytest.raises(ValueError, match=name):
+        RegionsConfig("a", peers, peer_key=PEER_KEY, **{name: 1e300})
