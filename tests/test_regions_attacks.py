@@ -428,3 +428,24 @@ def test_a_poll_period_past_an_hour_is_refused(name):
     peers = (PeerConfig("b", "http://peer-b:8000"),)
     with pytest.raises(ValueError, match=name):
         RegionsConfig("a", peers, peer_key=PEER_KEY, **{name: 1e300})
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--window", "nan"], "window"),  # was a traceback from deep in the first window
+        (["--window", "inf"], "window"),
+        (["--cold-start", "nan"], "cold_start_s"),  # "cannot convert float NaN to integer"
+        (["--cold-start", "inf"], "cold_start_s"),
+    ],
+)
+def test_plan_with_a_non_finite_flag_is_a_usage_error(tmp_path, capsys, extra, words):
+    from test_plan import files
+
+    from fleetserve.cli import main
+
+    argv = [a for a in files(tmp_path) if a not in ("--window", "8")]
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", *argv, "--ttft-p99", "250", *extra])
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err

@@ -114,7 +114,7 @@ class Planner:
     ) -> None:
         if not slo.objectives:
             raise ValueError("the planner needs an SLO (e.g. --ttft-p99 500)")
-        if window_s <= 0 or max_replicas < 1 or rate_steps < 1 or repairs < 0:
+        if not 0 < window_s < math.inf or max_replicas < 1 or rate_steps < 1 or repairs < 0:
             raise ValueError("need window_s > 0, max_replicas >= 1, rate_steps >= 1")
         if max_replicas > MAX_REPLICAS:  # a window of that many would never end
             raise ValueError(f"--max-replicas must be <= {MAX_REPLICAS}, got {max_replicas}")
