@@ -280,7 +280,7 @@ class RecordingPeer:
 
     def __init__(self) -> None:
         from starlette.applications import Starlette
-        from starlette.responses import JSONResponse, RedirectResponse
+        from starlette.responses import JSONResponse, RedirectResponse, StreamingResponse
         from starlette.routing import Route
 
         self.headers: list[dict[str, str]] = []
@@ -298,6 +298,13 @@ class RecordingPeer:
             if self.mode == "hang":
                 self.release = asyncio.Event()
                 await self.release.wait()
+            if self.mode == "stream_hang":  # one chunk, then nothing
+
+                async def events():
+                    yield b'data: {"choices": [{"text": "x", "index": 0}]}\n\n'
+                    await asyncio.Event().wait()
+
+                return StreamingResponse(events(), media_type="text/event-stream")
             return JSONResponse({"choices": [{"text": "from b"}], "usage": {"total_tokens": 3}})
 
         self.app = Starlette(
@@ -449,3 +456,20 @@ def test_plan_with_a_non_finite_flag_is_a_usage_error(tmp_path, capsys, extra, w
         main(["plan", *argv, "--ttft-p99", "250", *extra])
     assert exc.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_client_leaving_a_spilled_stream_frees_its_admission_and_the_peer_count(spilling):
+    from gateway_harness import wait_until
+    from test_gateway_regions import BODY, CLIENT
+
+    a, peer = spilling
+    peer.mode = "stream_hang"
+    body = {**BODY, "stream": True}
+    with httpx.stream("POST", f"{a.url}/v1/completions", json=body, headers=CLIENT,
+                      timeout=10) as resp:  # fmt: skip
+        assert resp.status_code == 200
+        first = next(resp.iter_lines())
+        assert first.startswith("data:") and len(peer.headers) == 1
+    # the client left mid-stream
+    wait_until(lambda: a.gw.regions.peers["b"].in_flight == 0, what="the peer's count back")
+    assert a.gw.admission._keys["default"].concurrent == 0
