@@ -444,6 +444,7 @@ def test_a_poll_period_past_an_hour_is_refused(name):
         (["--window", "inf"], "window"),
         (["--cold-start", "nan"], "cold_start_s"),  # "cannot convert float NaN to integer"
         (["--cold-start", "inf"], "cold_start_s"),
+        (["--tpot-p50", "inf"], "--tpot-p50 must be"),  # an objective nothing can miss
     ],
 )
 def test_plan_with_a_non_finite_flag_is_a_usage_error(tmp_path, capsys, extra, words):

@@ -81,8 +81,8 @@ def slo_from_args(args: argparse.Namespace):
     for flag, metric, q in _OBJECTIVES:
         ms = getattr(args, flag)
         if ms is not None:
-            if not ms > 0:
-                raise ValueError(f"--{flag.replace('_', '-')} must be > 0 ms, got {ms}")
+            if not 0 < ms < float("inf"):
+                raise ValueError(f"--{flag.replace('_', '-')} must be > 0 ms and finite, got {ms}")
             objectives.append((metric, q, ms / 1000))
     if not objectives:
         raise ValueError("name at least one SLO, e.g. --ttft-p99 500 --tpot-p50 50 (ms)")
