@@ -474,3 +474,20 @@ def test_a_client_leaving_a_spilled_stream_frees_its_admission_and_the_peer_coun
     # the client left mid-stream
     wait_until(lambda: a.gw.regions.peers["b"].in_flight == 0, what="the peer's count back")
     assert a.gw.admission._keys["default"].concurrent == 0
+
+
+def test_a_peer_url_that_is_this_gateway_never_becomes_a_peer():
+    from gateway_harness import free_port, wait_until
+    from test_gateway_regions import BODY, CLIENT, Region, served
+
+    port = free_port()
+    a = Region("a", port, [("b", port)])  # "b" is a itself
+    try:
+        peer = a.gw.regions.peers["b"]
+        wait_until(lambda: peer.failures >= 2 and a.gw.any_accepting(), what="two polls")
+        assert not peer.serving and "region 'a'" in peer.last_error
+        resp = httpx.post(f"{a.url}/v1/completions", json=BODY, headers=CLIENT, timeout=20)
+        assert resp.status_code == 200 and served(a) == 1
+        assert httpx.get(f"{a.url}/health").json()["regions"]["peers"]["b"]["healthy"] is False
+    finally:
+        a.close()
