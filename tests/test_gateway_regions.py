@@ -363,9 +363,9 @@ def test_a_forged_spilled_from_header_is_refused(pair):
         resp = httpx.post(url, json=BODY, headers=headers)
         assert resp.status_code == 403, resp.text
         assert SPILLED_FROM_HEADER in resp.json()["error"]["message"]
-    # the peer key naming a region that is not a peer: 400
+    # the peer key naming a region that is not a peer: 403 (a 400 would reach the client)
     resp = httpx.post(url, json=BODY, headers={SPILLED_FROM_HEADER: "zz", **PEER})
-    assert resp.status_code == 400
+    assert resp.status_code == 403
     # the peer key alone is no client key
     assert httpx.post(url, json=BODY, headers=PEER).status_code == 401
     # the real thing: served here, counted as spilled in from a

@@ -6,6 +6,9 @@ from dataclasses import dataclass, fields
 
 QUANTIZATIONS = (None, "int8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The attention backends' registry names (`fleetserve.attention`, which imports torch) and
+# "auto": checked here so that a typo is a usage error, not an engine that fails to start.
+ATTENTION_BACKEND_NAMES = ("auto", "cpu", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,11 @@ class EngineConfig:
             raise ValueError("model must name an HF folder or a .gguf file")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKEND_NAMES:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKEND_NAMES}, "
+                f"got {self.attention_backend!r}"
+            )
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"

@@ -20,6 +20,7 @@ prompt's chain against it, as the replica prefix index does with KV events.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from collections import OrderedDict
@@ -35,6 +36,14 @@ from fleetserve.regions.policy import RegionView
 logger = logging.getLogger(__name__)
 
 STATE_PATH = "/region/state"
+# A report is a few hundred bytes: a peer answering more is broken (or hostile), and its
+# answer is not read past this.
+MAX_STATE_BYTES = 64 * 1024
+# No region has more replicas, slots or queued requests than this; a larger count is junk
+# (and 10**400 would overflow the policy's float arithmetic on every request).
+MAX_COUNT = 10**9
+# Nor waits or service times longer than a year (infinity is `predicted_wait_s: null`).
+MAX_SECONDS = 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -90,16 +99,25 @@ def _typed(data: dict, key: str, kind: type) -> object:
 
 def _number(data: dict, key: str) -> float:
     value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (0 <= value <= MAX_SECONDS)
+    ):
+        raise ValueError(f"{key} must be a number of seconds 0 .. {MAX_SECONDS:g}, got {value!r}")
     return float(value)
 
 
 def _count(data: dict, key: str) -> int:
     value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{key} must be an integer 0 .. {MAX_COUNT}, got {_short(value)}")
     return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)  # (a huge int's repr is slow past 4300 digits, and refused)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 class SentPrefixes:
@@ -265,6 +283,20 @@ async def poll_loop(
         await asyncio.sleep(interval_s)
 
 
+async def _get_state(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> bytes:
+    """The body of a 200 answer, at most `MAX_STATE_BYTES` of it (ValueError past that, or
+    for any other status: a redirect is not followed)."""
+    async with client.stream("GET", url, headers=headers) as resp:
+        if resp.status_code != 200:
+            raise ValueError(f"{STATE_PATH} answered {resp.status_code}")
+        body = bytearray()
+        async for chunk in resp.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_STATE_BYTES:
+                raise ValueError(f"{STATE_PATH} answered more than {MAX_STATE_BYTES} bytes")
+    return bytes(body)
+
+
 async def poll_once(
     peer: Peer,
     client: httpx.AsyncClient,
@@ -275,11 +307,13 @@ async def poll_once(
     started = clock()
     try:
         async with asyncio.timeout(timeout_s):
-            resp = await client.get(f"{peer.url}{STATE_PATH}", headers=headers)
+            body = await _get_state(client, f"{peer.url}{STATE_PATH}", headers)
         rtt = clock() - started
-        if resp.status_code != 200:
-            raise ValueError(f"{STATE_PATH} answered {resp.status_code}")
-        report = RegionReport.from_json(resp.json())
+        try:
+            data = json.loads(body)
+        except RecursionError:  # within the size limit, nested past the parser's depth
+            raise ValueError("the state is nested too deeply") from None
+        report = RegionReport.from_json(data)
     except TimeoutError:
         peer.poll_failed(f"no answer within {timeout_s:.1f}s")
         return False

@@ -132,10 +132,12 @@ def spilled_from(gw: Gateway, request: Request) -> tuple[str, ApiKey] | None:
             "permission_error",
         )
     if gw.regions.peers.get(origin) is None:
+        # 403, not 400: the origin passes a 400 on to its client as the request's own fault,
+        # but this one is the two gateways' configuration (the origin serves it itself).
         raise HttpError(
-            400,
-            f"{SPILLED_FROM_HEADER}: {origin[:64]!r} is not a peer region",
-            "invalid_request_error",
+            403,
+            f"{SPILLED_FROM_HEADER}: {origin[:64]!r} is not a peer region of this gateway",
+            "permission_error",
         )
     priority = request.headers.get(PRIORITY_HEADER, DEFAULT_PRIORITY)
     if priority not in PRIORITY_CLASSES:

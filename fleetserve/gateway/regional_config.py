@@ -22,6 +22,7 @@ SPILLED_FROM_HEADER = "X-Fleetserve-Spilled-From"
 SPILL_REASON_HEADER = "X-Fleetserve-Spill-Reason"
 PRIORITY_HEADER = "X-Fleetserve-Priority"
 PEER_KEY_ENV = "FLEETSERVE_PEER_KEY"
+MAX_POLL_S = 3600.0  # the longest poll interval or poll deadline
 
 
 def check_region_name(name: object, what: str = "region name") -> str:
@@ -109,10 +110,22 @@ class RegionsConfig:
             )
         if self.peer_key is not None and len(self.peer_key) < 16:
             raise ValueError("the peer key must be at least 16 characters")
+        if self.peer_key is not None and not all("!" <= c <= "~" for c in self.peer_key):
+            # a newline (an env var read from a file) cannot go in a header, and spaces at
+            # either end are stripped from the presented key: the peers never matched
+            raise ValueError(
+                "the peer key must be visible ASCII characters only (no spaces or newlines)"
+            )
         for name in ("poll_interval_s", "poll_timeout_s", "rtt_alpha"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"regions: {name} must be > 0, got {value!r}")
+        for name in ("poll_interval_s", "poll_timeout_s"):
+            # longer, and a peer that stops answering keeps its last report (healthy) that long
+            if getattr(self, name) > MAX_POLL_S:
+                raise ValueError(
+                    f"regions: {name} must be <= {MAX_POLL_S:g} s, got {getattr(self, name)!r}"
+                )
         if self.rtt_alpha > 1:
             raise ValueError(f"regions: rtt_alpha must be <= 1, got {self.rtt_alpha!r}")
         for name in ("unhealthy_after", "max_prefix_blocks"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,8 @@ def slo_from_args(args: argparse.Namespace):
     for flag, metric, q in _OBJECTIVES:
         ms = getattr(args, flag)
         if ms is not None:
-            if not ms > 0:
-                raise ValueError(f"--{flag.replace('_', '-')} must be > 0 ms, got {ms}")
+            if not 0 < ms < float("inf"):
+                raise ValueError(f"--{flag.replace('_', '-')} must be > 0 ms and finite, got {ms}")
             objectives.append((metric, q, ms / 1000))
     if not objectives:
         raise ValueError("name at least one SLO, e.g. --ttft-p99 500 --tpot-p50 50 (ms)")
@@ -137,6 +138,8 @@ def build_planner(args: argparse.Namespace):
 def run(planner, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from fleetserve.plan.search import NoPlan
+
     out: Path = args.out
     with tqdm(unit="sim", desc="plan", disable=args.no_progress, leave=False) as bar:
 
@@ -145,7 +148,12 @@ def run(planner, args: argparse.Namespace) -> int:
             bar.set_postfix_str(what, refresh=False)
 
         planner.on_progress = progress
-        result = planner.plan()
+        try:
+            result = planner.plan()
+        except NoPlan as exc:
+            bar.close()
+            print(f"fleetserve plan: no plan meets the SLOs: {exc}", file=sys.stderr)
+            return 1
     out.mkdir(parents=True, exist_ok=True)
     record = plan_record(planner, result)
     files = [out / "plan.json"]

@@ -31,6 +31,8 @@ from fleetserve.bench.tokenizer import TextSource
 from fleetserve.sim.regional_report import PlanSLO
 from fleetserve.sim.regional_spec import (
     HOURS,
+    MAX_REPLICAS,
+    MAX_REQUESTS,
     Price,
     RegionSpec,
     RegionsSpec,
@@ -40,6 +42,10 @@ from fleetserve.sim.regions import simulate_regions
 from fleetserve.sim.simulator import FleetSpec
 
 Sizes = dict[str, tuple[int, ...]]  # region -> replicas by UTC hour
+
+
+class NoPlan(ValueError):
+    """Some hour's rate needs more than `max_replicas` replicas to meet the SLOs."""
 
 
 @dataclass
@@ -108,8 +114,16 @@ class Planner:
     ) -> None:
         if not slo.objectives:
             raise ValueError("the planner needs an SLO (e.g. --ttft-p99 500)")
-        if window_s <= 0 or max_replicas < 1 or rate_steps < 1 or repairs < 0:
+        if not 0 < window_s < math.inf or max_replicas < 1 or rate_steps < 1 or repairs < 0:
             raise ValueError("need window_s > 0, max_replicas >= 1, rate_steps >= 1")
+        if max_replicas > MAX_REPLICAS:  # a window of that many would never end
+            raise ValueError(f"--max-replicas must be <= {MAX_REPLICAS}, got {max_replicas}")
+        top = max(r.traffic.max_rps for r in spec.regions)
+        if top * window_s > MAX_REQUESTS:
+            raise ValueError(
+                f"a sizing window of {window_s:g} s at {top:g} req/s simulates more than "
+                f"{MAX_REQUESTS:.0e} requests: shorten --window"
+            )
         self.spec = spec
         self.prices = prices
         self.bench = dataclasses.replace(bench, progress=False)
@@ -168,7 +182,7 @@ class Planner:
         while not self.window_meets(rate, size):
             failing = size
             if size >= self.max_replicas:
-                raise ValueError(
+                raise NoPlan(
                     f"{rate:.3g} req/s needs more than --max-replicas {self.max_replicas} "
                     f"replicas to meet {self.slo.describe()}"
                 )

@@ -47,6 +47,11 @@ from fleetserve.fleet.scaling import AutoscalingSettings
 from fleetserve.regions.policy import REGIONAL_POLICIES, RegionalConfig
 
 HOURS = 24
+# Bounds on one run, so that a typo (a billion replicas, a day of 1e300 s) is an error at
+# once rather than a simulation that never ends. Far above any region worth simulating.
+MAX_REPLICAS = 1024  # per region and hour (and an autoscaler's max)
+MAX_REQUESTS = 10_000_000  # expected over the run, all regions together
+MAX_PRICE_PER_H = 1e6  # $ a replica-hour (a day's cost must stay a finite JSON number)
 
 
 def _number(where: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
@@ -110,8 +115,16 @@ class RegionSpec:
         if len(self.replicas) != HOURS:
             raise ValueError(f"{self.name}: replicas needs 24 sizes, got {len(self.replicas)}")
         for n in self.replicas:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise ValueError(f"{self.name}: replicas must be integers >= 0, got {n!r}")
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_REPLICAS:
+                raise ValueError(
+                    f"{self.name}: replicas must be integers >= 0 "
+                    f"(at most {MAX_REPLICAS}), got {n!r}"
+                )
+        if self.autoscaling is not None and self.autoscaling.config.max_replicas > MAX_REPLICAS:
+            raise ValueError(
+                f"{self.name}: autoscale max must be <= {MAX_REPLICAS}, "
+                f"got {self.autoscaling.config.max_replicas!r}"
+            )
 
     def local_hour(self, utc_hour: float) -> float:
         return (utc_hour + self.utc_offset_h) % HOURS
@@ -142,9 +155,9 @@ class Price:
     spot_restart_s: float = 60.0  # a preempted spot replica is back this long after
 
     def __post_init__(self) -> None:
-        _number("on_demand_per_h", self.on_demand_per_h)
+        _number("on_demand_per_h", self.on_demand_per_h, 0.0, MAX_PRICE_PER_H)
         if self.spot_per_h is not None:
-            _number("spot_per_h", self.spot_per_h)
+            _number("spot_per_h", self.spot_per_h, 0.0, MAX_PRICE_PER_H)
         _number("spot_preemptions_per_h", self.spot_preemptions_per_h)
         _number("spot_restart_s", self.spot_restart_s)
 
@@ -179,11 +192,36 @@ class RegionsSpec:
                 if name not in names:
                     raise ValueError(f"rtt_ms names an unknown region {name!r}; regions: {names}")
             _number(f"rtt_ms {a}-{b}", rtt)
+        end_h = self.start_hour + self.hours
         for outage in self.outages:
             if outage.region not in names:
                 raise ValueError(f"outages: unknown region {outage.region!r}; regions: {names}")
             _number("outages[].at_h", outage.at_h)
-            _number("outages[].for_h", outage.for_h)
+            _number("outages[].for_h", outage.for_h, 1e-6)
+            # UTC hours from the first day's midnight (past 24 on later days): one the run
+            # never reaches, or one before it starts, was silently no outage at all
+            if not self.start_hour <= outage.at_h < end_h:
+                raise ValueError(
+                    f"outages: {outage.region} at_h {outage.at_h:g} is outside the simulated "
+                    f"hours {self.start_hour:g} .. {end_h:g} (start_hour .. start_hour + "
+                    "hours; a later day's hour counts on past 24)"
+                )
+        expected = self.expected_requests()
+        if expected > MAX_REQUESTS:
+            raise ValueError(
+                f"the run would simulate about {expected:.3g} requests, more than "
+                f"{MAX_REQUESTS:.0e}: shorten day_s or hours, or lower the traffic"
+            )
+
+    def expected_requests(self) -> float:
+        """The requests the traffic curves bring over the run (a quarter-hour grid)."""
+        steps = max(math.ceil(self.hours * 4), 1)
+        step_h = self.hours / steps
+        return sum(
+            r.rate_at(self.start_hour + (i + 0.5) * step_h) * step_h * self.hour_s
+            for r in self.regions
+            for i in range(steps)
+        )
 
     @property
     def hour_s(self) -> float:
@@ -308,6 +346,8 @@ def regions_from_mapping(data: dict, where: str = "regions file") -> RegionsSpec
     for a, row in _mapping(f"{where}: rtt_ms", data.get("rtt_ms") or {}).items():
         for b, ms in _mapping(f"{where}: rtt_ms.{a}", row).items():
             seconds = _number(f"{where}: rtt_ms {a}-{b}", ms) / 1000
+            if rtt.get((a, b), seconds) != seconds:
+                raise ValueError(f"{where}: rtt_ms {a}-{b} is given twice, differently")
             rtt[(a, b)] = rtt[(b, a)] = seconds
     outages = []
     for i, o in enumerate(data.get("outages") or []):
@@ -315,9 +355,9 @@ def regions_from_mapping(data: dict, where: str = "regions file") -> RegionsSpec
         if "region" not in o or "at_h" not in o or "for_h" not in o:
             raise ValueError(f"{where}: outages[{i}] needs region, at_h and for_h")
         outages.append(Outage(o["region"], o["at_h"], o["for_h"]))
-    regional = data.get("regional", {})
+    regional = _only(f"{where}: regional", data.get("regional", {}), _config_keys())
     try:
-        regional_config = RegionalConfig(**_only(f"{where}: regional", regional, _config_keys()))
+        regional_config = RegionalConfig(**regional)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where}: regional: {exc}") from None
     return RegionsSpec(

@@ -13,6 +13,7 @@ All on one `EventLoop`; the report is `bench.report.build_report` over the simul
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +58,11 @@ class FleetSpec:
             raise ValueError(f"shared_cores must be > 0, got {self.shared_cores}")
         if self.num_replicas < 0 or (self.num_replicas == 0 and self.autoscaling is None):
             raise ValueError("num_replicas must be >= 1 (0 only with autoscaling)")
-        if self.cold_start_s < 0 or self.drain_timeout_s < 0:
-            raise ValueError("cold_start_s and drain_timeout_s must be >= 0")
+        if not (0 <= self.cold_start_s < math.inf and 0 <= self.drain_timeout_s < math.inf):
+            raise ValueError(
+                "cold_start_s and drain_timeout_s must be finite numbers >= 0, got "
+                f"{self.cold_start_s!r} and {self.drain_timeout_s!r}"
+            )
         for failure in self.failures:
             if failure.replica >= max(self.num_replicas, 1):
                 raise ValueError(
