@@ -216,7 +216,7 @@ def _health(url: str) -> int | None:
         return None
 
 
-LONG = 3000  # tokens per stream: long enough to outlast a scale-down delay of a cold start
+LONG = 12000  # tokens per stream: long enough to outlast a scale-down delay of a cold start
 
 
 async def _hold(client: httpx.AsyncClient, url: str, stop: asyncio.Event, i: int) -> None:
@@ -237,11 +237,11 @@ def scale_down_run(tiny_llama, tmp_path_factory) -> Iterator[dict]:
     folder = tmp_path_factory.mktemp("scale-down")
     model = folder / "4k" / "llama"  # the served name stays "llama"
     shutil.copytree(tiny_llama, model)
-    # The tiny Llama with a context of 4096 instead of 512 (rotary positions: the same
+    # The tiny Llama with a context of 16384 instead of 512 (rotary positions: the same
     # weights run any length), so that a stream outlasts the scale-down delay, which the
     # policy raises to the measured cold start (10-25 s here).
     config = json.loads((model / "config.json").read_text())
-    config["max_position_embeddings"] = 4096
+    config["max_position_embeddings"] = 16384
     (model / "config.json").write_text(json.dumps(config))
     fleet = serve_tiny(
         model, folder,
@@ -249,7 +249,8 @@ def scale_down_run(tiny_llama, tmp_path_factory) -> Iterator[dict]:
         "--replicas", "2", "--min-replicas", "1", "--max-replicas", "2",
         "--target-concurrency", "12", "--stable-window", "1", "--scale-down-delay", "1",
         "--autoscale-interval", "0.2", "--drain-timeout", "0.5",
-        context=4096,
+        "--kv-cache-memory", "160MiB",  # 10 streams of 12k tokens, no preemption
+        context=16384,
     )  # fmt: skip
     n = 10
     run: dict = {"n": n, "seen_at_minimum": None}

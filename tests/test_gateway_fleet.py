@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,11 +145,18 @@ def test_supervised_fake_replicas_survive_sigkill():
 # ---- three real replicas of a tiny model ---------------------------------------------------------
 
 
+# Long enough that the replicas are still generating when the last of 30 streams has its
+# first token (the kill point): at 300, a quiet machine's replicas had finished every stream
+# by then and the kill moved nothing.
+REAL_TOKENS = 2000
+REAL_CONTEXT = 4096
+
+
 def _real_body(i: int) -> dict:
     return {
         "model": "llama",
         "messages": [{"role": "user", "content": f"request {i} says"}],
-        "max_tokens": 300,
+        "max_tokens": REAL_TOKENS,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
@@ -190,8 +198,16 @@ async def _thirty_streams(url: str, kill: bool) -> tuple[list[str], dict | None]
 
 @pytest.fixture(scope="module")
 def real_fleet(tiny_llama, tmp_path_factory):
-    serve_yaml = tmp_path_factory.mktemp("fleet") / "serve.yaml"
-    serve_yaml.write_text(f"api-key: {PUBLIC_KEY}\nkv-cache-memory: 32MiB\n")
+    folder = tmp_path_factory.mktemp("fleet")
+    serve_yaml = folder / "serve.yaml"
+    serve_yaml.write_text(f"api-key: {PUBLIC_KEY}\nkv-cache-memory: 64MiB\n")
+    # The tiny Llama with a longer context (rotary positions: the same weights run any
+    # length), served under its own name "llama".
+    model = folder / "long" / "llama"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = REAL_CONTEXT
+    (model / "config.json").write_text(json.dumps(config))
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -199,7 +215,7 @@ def real_fleet(tiny_llama, tmp_path_factory):
             "-m",
             "fleetserve.cli",
             "serve",
-            str(tiny_llama),
+            str(model),
             "--config",
             str(serve_yaml),
             "--replicas",
@@ -207,7 +223,7 @@ def real_fleet(tiny_llama, tmp_path_factory):
             "--port",
             str(port),
             "--max-model-len",
-            "512",
+            str(REAL_CONTEXT),
         ],
         start_new_session=True,
         env={**os.environ, "FLEETSERVE_OPERATOR_KEY": OPERATOR["Authorization"][7:]},
@@ -333,7 +349,8 @@ def test_a_chat_stream_without_max_tokens_migrates_whole(real_fleet):
 
     reference = summary(asyncio.run(_chat_events(url, body, [0])))
     text, finish, usage, ids = reference
-    assert finish == "length" and usage["prompt_tokens"] + usage["completion_tokens"] == 512
+    assert finish == "length"
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == REAL_CONTEXT
     before = _migrations(url)
     chunks, victim = asyncio.run(_chat_with_kill(url, body))
     assert victim["outstanding"] == 1

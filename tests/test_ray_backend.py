@@ -357,12 +357,12 @@ def test_two_replicas_on_two_nodes_survive_losing_one_node(ray_cluster, long_lla
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_replicas_beyond_the_room_are_pending_until_a_node_joins(ray_cluster, tiny_llama, caplog):
+def test_replicas_beyond_the_room_are_pending_until_a_node_joins(ray_cluster, long_llama, caplog):
     """Replicas that ask for a label no node has yet: pending, never failed, until a node
     with room for one joins; the other stays pending."""
     cluster, _ = ray_cluster
     caplog.set_level(logging.INFO, logger="fleetserve.fleet.ray_backend")
-    fleet = Fleet(tiny_llama, 2, label=LATE)
+    fleet = Fleet(long_llama, 2, label=LATE)  # the Fleet serves 2048 positions
     try:
         wait_until(lambda: caplog.text.count("is pending") == 2, 60, 0.1, "2 pending replicas")
         for rid in ("r0", "r1"):
