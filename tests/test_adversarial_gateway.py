@@ -870,8 +870,10 @@ def test_a_client_that_leaves_before_the_stream_starts_leaves_nothing_held():
 def test_a_request_that_got_nothing_gives_its_token_charge_back(keys_file):
     """With the replica failing (503, then refusing with 422), each request is charged 400
     tokens at admission; with no refund the 1,000-token budget would be gone after two and
-    the key locked out after the outage."""
-    door = Door(n=1, api_keys=load_api_keys(keys_file))
+    the key locked out after the outage. A short cooldown: whether the first request or the
+    second opens the breaker depends on when probes land, and the 422s must reach the
+    replica however far the cooldown has doubled."""
+    door = Door(n=1, api_keys=load_api_keys(keys_file), breaker_cooldown_s=0.3)
     small = bearer("small-key")  # tokens_per_min: 1000
     body = {**BODY, "max_tokens": 400}
     try:
@@ -883,6 +885,27 @@ def test_a_request_that_got_nothing_gives_its_token_charge_back(keys_file):
             assert door.post({**body, "stream": stream}, small).status_code == 422
         door.control(0, fail_count=0)
         assert door.post(body, small).status_code == 200
+    finally:
+        door.close()
+
+
+def test_a_queued_request_is_served_when_the_circuit_half_opens_not_at_the_next_probe():
+    """The only replica's circuit is open and probes are 30 s apart: the queued request is
+    granted the moment the 1 s cooldown ends. (It waited for the next probe, so a request
+    whose timeout ended before that probe was shed with 429 although the replica was
+    ready to take it.)"""
+    door = Door(n=1, probe_interval_s=30.0, breaker_cooldown_s=1.0, first_chunk_timeout_s=10.0)
+    try:
+        replica = door.gw.replicas["r0"]
+        door.front.call(lambda: replica.breaker.force_open(door.gw.clock()))
+        assert door.front.call(lambda: replica.breaker.state(door.gw.clock())) is (
+            BreakerState.OPEN
+        )
+        answer = door.post(BODY)
+        assert answer.status_code == 200, answer.text
+        assert door.front.call(lambda: replica.breaker.state(door.gw.clock())) is (
+            BreakerState.CLOSED
+        )
     finally:
         door.close()
 

@@ -146,6 +146,12 @@ class Dispatcher:
         self._views_at = now
         return self._views
 
+    def next_change(self, now: float) -> float:
+        """When a replica's view next changes with time alone (an open circuit's cooldown
+        ends and it reads half-open); inf when none will. May be early, never late."""
+        self.views(now)
+        return self._expiry[0][0] if self._expiry else math.inf
+
     def _rebuild(self, now: float) -> None:
         self._table = dict(self.replicas)
         self._dirty.clear()

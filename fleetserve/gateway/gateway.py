@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -124,6 +125,8 @@ class Gateway:
         self._ids = itertools.count()
         self._tasks: dict[str, list[asyncio.Task]] = {}
         self._changed = asyncio.Event()  # set whenever a replica may have become usable
+        self._wake: asyncio.TimerHandle | None = None  # at the next circuit's half-open
+        self._wake_at = math.inf
         self._started = False
         # What clients felt lately (the autoscaler's SLO inputs); its controller sets the window.
         self.recent_ttft = LatencyWindow()
@@ -152,6 +155,9 @@ class Gateway:
 
     async def stop(self) -> None:
         self._started = False
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         tasks = [t for ts in self._tasks.values() for t in ts]
         self._tasks.clear()
         for t in tasks:
@@ -317,9 +323,34 @@ class Gateway:
 
     def notify_changed(self) -> None:
         """A replica may have become usable: serve the queue, wake waiting retries."""
-        self._hand_out(self.dispatcher.grant(self.clock()))
+        now = self.clock()
+        self._hand_out(self.dispatcher.grant(now))
         self._changed.set()
         self._hand_over_if_dark()
+        self._wake_at_next_change(now)
+
+    def _wake_at_next_change(self, now: float) -> None:
+        """Requests are queued: serve them the moment a circuit's cooldown ends, not at the
+        next probe an interval later (a ticket queued just after its replica's circuit
+        opened, with a timeout equal to the cooldown, expired in that gap and was shed as
+        if the fleet were busy)."""
+        if not len(self.queue):
+            return
+        at = self.dispatcher.next_change(now)
+        if at == math.inf or (self._wake is not None and self._wake_at <= at):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # driven without an event loop (a test's fake clock): probes suffice
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_at = at
+        self._wake = loop.call_later(max(at - now, 0.0), self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self.notify_changed()
 
     def _hand_over_if_dark(self) -> None:
         """No replica here accepts work and none is starting, but a peer region is healthy:
@@ -363,6 +394,7 @@ class Gateway:
         ticket.gone = future.done
         self._waiters[ticket] = future
         self._hand_over_if_dark()
+        self._wake_at_next_change(now)
         granted = False
         try:
             async with asyncio.timeout(max(ticket.expires_at - now, 0.0)):
