@@ -11,6 +11,8 @@
 #   rate/         Poisson arrivals at RATE_FRACTION (0.5) of the request throughput fleetserve
 #                 reached in its concurrency run (or at RATE requests/s when set; RATE=none
 #                 skips the rate runs)
+#   single/       one stream at a time (benchmarks/single_stream.py against the same server:
+#                 SINGLE_STREAM requests, default 5, after one warm-up; 0 skips it)
 # An engine too slow for the full count runs fewer requests: ENGINE_NUM_REQUESTS (upper-case
 # engine name, e.g. TRANSFORMERS_NUM_REQUESTS=50) replaces NUM_REQUESTS for that engine, in
 # both runs (its concurrency run then has that many in flight). Compare throughput and TPOT,
@@ -24,7 +26,7 @@
 # DTYPE (default: what `fleetserve serve --dtype auto` picks for MODEL on this CPU, e.g. float32
 # for a bf16 checkpoint on a CPU without avx512_bf16/amx_bf16; every engine runs in it),
 # READY_TIMEOUT (900 s), VLLM_MAX_MODEL_LEN (2048), VLLM_CPU_OMP_THREADS_BIND (0-(nproc-1)),
-# FLEETSERVE_SERVE_ARGS, OUT.
+# SINGLE_STREAM (5), FLEETSERVE_SERVE_ARGS, OUT.
 #
 # Outputs in OUT (default benchmarks/out/serving_vs_peers-TIME): RUN/ENGINE/ with bench.json,
 # summary.md and plots; ENGINE.log, the server's output; servers.txt, each server's command
@@ -42,6 +44,7 @@ OUTPUT_LEN=${OUTPUT_LEN:-128}
 RATE_FRACTION=${RATE_FRACTION:-0.5}
 RATE=${RATE:-}
 ENGINES=${ENGINES:-fleetserve vllm transformers}
+SINGLE_STREAM=${SINGLE_STREAM:-5}
 READY_TIMEOUT=${READY_TIMEOUT:-900}
 VLLM_MAX_MODEL_LEN=${VLLM_MAX_MODEL_LEN:-2048}
 OUT=${OUT:-$ROOT/benchmarks/out/serving_vs_peers-$(date +%Y%m%d-%H%M%S)}
@@ -273,8 +276,30 @@ for engine in $ENGINES; do
     if [ "$RATE" != none ]; then
         run_bench "$engine" "$port" rate --rate "$RATE" || true
     fi
+    if [ "$SINGLE_STREAM" != 0 ]; then
+        mkdir -p "$OUT/single"
+        # transformers serve refuses ignore_eos (422): its single stream is skipped.
+        "$PY" benchmarks/single_stream.py --url "http://127.0.0.1:$port" \
+            --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --requests "$SINGLE_STREAM" \
+            >"$OUT/single/$engine.txt" 2>&1 || log "$engine: no single-stream figure (see single/$engine.txt)"
+    fi
     stop_server
 done
+
+if [ "$SINGLE_STREAM" != 0 ] && [ -d "$OUT/single" ]; then
+    {
+        echo
+        echo "## single stream (${INPUT_LEN} in / ${OUTPUT_LEN} out, greedy, $SINGLE_STREAM requests)"
+        echo
+        echo "$MACHINE"
+        echo
+        for engine in $ENGINES; do
+            if [ -f "$OUT/single/$engine.txt" ]; then
+                grep -E "^(TPOT|TTFT) p50" "$OUT/single/$engine.txt" | sed "s/^/$engine: /" || true
+            fi
+        done
+    } | tee "$OUT/compare-single.md"
+fi
 
 for run in concurrency rate; do
     files=()

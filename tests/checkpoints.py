@@ -175,6 +175,20 @@ def build_tiny_checkpoints(root: Path) -> dict[str, Path]:
     }
 
 
+def with_context(model: Path, folder: Path, positions: int) -> Path:
+    """A copy of the HF folder `model` at `folder` whose config allows `positions` positions
+    (rotary positions: the same weights run any length). A tiny model decodes its 512
+    positions in well under a second: tests that need a stream to outlast something (a kill,
+    a drain, a client's timeout) serve a longer one. The folder's name is the served name."""
+    import shutil
+
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = positions
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def _llama_cpp_permute(w, n_head: int):
     # convert_hf_to_gguf.py LlamaModel.permute: rotate-half rows -> interleaved pairs
     return (

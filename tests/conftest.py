@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from checkpoints import build_tiny_checkpoints
+from checkpoints import build_tiny_checkpoints, with_context
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -21,6 +21,13 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 def tiny_llama(tiny_checkpoints: dict[str, Path]) -> Path:
     """A tiny random Llama HF folder (untied, fp32, vocab 512, chat template, eos id 2)."""
     return tiny_checkpoints["llama"]
+
+
+@pytest.fixture(scope="session")
+def long_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with 16,384 positions instead of 512, served as "llama": its streams
+    outlast a kill, a drain or a client's timeout however fast the engine gets."""
+    return with_context(tiny_llama, tmp_path_factory.mktemp("long") / "llama", 16384)
 
 
 @pytest.fixture(scope="session")

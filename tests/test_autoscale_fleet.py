@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -228,21 +227,16 @@ async def _hold(client: httpx.AsyncClient, url: str, stop: asyncio.Event, i: int
 
 
 @pytest.fixture(scope="module")
-def scale_down_run(tiny_llama, tmp_path_factory) -> Iterator[dict]:
+def scale_down_run(long_llama, tmp_path_factory) -> Iterator[dict]:
     """Two replicas at start (minimum one), held there by 24 clients of short requests
     (target 12 a replica). Ten long streams start, round robin puts five on each replica,
     then the short requests stop: ten streams want one replica, so the fleet shrinks while
     they run, and the short drain deadline moves the streams of the replica that goes. Then,
     once the fleet is at one replica, the same ten prompts again: the no-scaling run."""
     folder = tmp_path_factory.mktemp("scale-down")
-    model = folder / "4k" / "llama"  # the served name stays "llama"
-    shutil.copytree(tiny_llama, model)
-    # The tiny Llama with a context of 16384 instead of 512 (rotary positions: the same
-    # weights run any length), so that a stream outlasts the scale-down delay, which the
-    # policy raises to the measured cold start (10-25 s here).
-    config = json.loads((model / "config.json").read_text())
-    config["max_position_embeddings"] = 16384
-    (model / "config.json").write_text(json.dumps(config))
+    # A context of 16384, so that a stream outlasts the scale-down delay, which the policy
+    # raises to the measured cold start (10-25 s here).
+    model = long_llama
     fleet = serve_tiny(
         model, folder,
         "--router", "round_robin",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from checkpoints import with_context
 from gateway_harness import ThreadServer, free_port, sse_texts, wait_until
 
 from fleetserve.fleet.backoff import RestartBackoff
@@ -201,13 +201,7 @@ def real_fleet(tiny_llama, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fleet")
     serve_yaml = folder / "serve.yaml"
     serve_yaml.write_text(f"api-key: {PUBLIC_KEY}\nkv-cache-memory: 64MiB\n")
-    # The tiny Llama with a longer context (rotary positions: the same weights run any
-    # length), served under its own name "llama".
-    model = folder / "long" / "llama"
-    shutil.copytree(tiny_llama, model)
-    config = json.loads((model / "config.json").read_text())
-    config["max_position_embeddings"] = REAL_CONTEXT
-    (model / "config.json").write_text(json.dumps(config))
+    model = with_context(tiny_llama, folder / "long" / "llama", REAL_CONTEXT)
     port = free_port()
     proc = subprocess.Popen(
         [

@@ -24,6 +24,8 @@ from fleetserve.testing.launcher import ReplicaProcess
 MODEL = "llama"
 SERVER_ARGS = ("--dtype", "float32", "--num-threads", "1", "--kv-cache-memory", "64MiB")
 LONG = {"max_tokens": 480, "ignore_eos": True}
+# On the 16,384-position copy: a stream that is still running whatever the engine's speed.
+LONGER = {"max_tokens": 16000, "ignore_eos": True}
 
 
 class StreamInThread:
@@ -100,15 +102,17 @@ def test_loading_503_then_sigterm_drains(tiny_llama, tmp_path):
         replica.stop()
 
 
-def test_queue_full_429_and_engine_death(tiny_llama, tmp_path):
+def test_queue_full_429_and_engine_death(long_llama, tmp_path):
     replica = ReplicaProcess(
-        tiny_llama, *SERVER_ARGS, "--max-num-seqs", "1", "--max-queue-len", "1",
+        long_llama, *SERVER_ARGS, "--max-num-seqs", "1", "--max-queue-len", "1",
         log_path=tmp_path / "death.log",
     )  # fmt: skip
     try:
         replica.wait_ready()
         url = replica.url
-        running = StreamInThread(url, prompt="hello", extra_body={"return_token_ids": True, **LONG})
+        running = StreamInThread(
+            url, prompt="hello", extra_body={"return_token_ids": True, **LONGER}
+        )
         assert running.first.wait(30) and running.error is None
         waiting: dict = {}
 
