@@ -11,6 +11,7 @@
 // summation order.
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -159,12 +160,15 @@ void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [rows, n] with contiguous rows");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
               " must be float32 or bfloat16, not ", t.scalar_type());
+  // Rows are written by parallel threads: two rows must not share memory (stride 0, expand).
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= t.size(1), name, " has overlapping rows");
 }
 
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, "x");
   check_rows(out, "out");
   TORCH_CHECK(out.sizes() == x.sizes(), "out and x differ in shape");
+  at::assert_no_overlap(out, x);
   TORCH_CHECK(weight.is_contiguous() && weight.dim() == 1 && weight.size(0) == x.size(1),
               "weight must be contiguous [", x.size(1), "]");
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
@@ -179,6 +183,7 @@ void add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, d
   check_rows(x, "x");
   check_rows(residual, "residual");
   TORCH_CHECK(residual.sizes() == x.sizes(), "residual and x differ in shape");
+  at::assert_no_overlap(x, residual);
   TORCH_CHECK(weight.is_contiguous() && weight.dim() == 1 && weight.size(0) == x.size(1),
               "weight must be contiguous [", x.size(1), "]");
   TORCH_CHECK(
@@ -196,6 +201,8 @@ void rotary_embedding(at::Tensor q, at::Tensor k, const at::Tensor& positions,
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 3, "q and k must be CPU [tokens, heads, D]");
     TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == t->size(2),
                 "q and k must have contiguous heads");
+    TORCH_CHECK(t->size(0) <= 1 || t->stride(0) >= t->size(1) * t->size(2),
+                "q and k must not have overlapping rows");
   }
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(2) % 2 == 0,
               "q and k: same tokens and an even head_dim");
@@ -226,6 +233,7 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
   TORCH_CHECK(x.size(0) == out.size(0) && x.size(1) == 2 * out.size(1),
               "x must be [rows, 2n] for out [rows, n]");
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "out and x must share one dtype");
+  at::assert_no_overlap(out, x);
   if (x.scalar_type() == at::kFloat)
     silu_and_mul_impl<float>(out, x);
   else

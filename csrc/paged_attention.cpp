@@ -200,7 +200,8 @@ void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_c
                   block_tables.device().is_cpu(),
               "out, q, kv_cache and block_tables must be CPU tensors");
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out: [num_tokens, H, D]");
-  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.size(4) == q.size(2),
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.size(4) == q.size(2) &&
+                  kv_cache.size(1) > 0 && kv_cache.size(3) > 0,
               "kv_cache: [2, H_kv, num_blocks, block_size, D]");
   TORCH_CHECK(q.size(1) % kv_cache.size(1) == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == q.scalar_type(),

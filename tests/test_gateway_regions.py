@@ -8,6 +8,7 @@ tests/test_regions_live.py."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import threading
 
@@ -17,7 +18,13 @@ import yaml
 from gateway_harness import FAST_GATEWAY, ThreadServer, free_port, sse_texts, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleetserve.gateway.api_keys import single_key_store, with_operator_key
+from fleetserve.gateway.api_keys import (
+    ApiKey,
+    ApiKeyStore,
+    KeyLimits,
+    single_key_store,
+    with_operator_key,
+)
 from fleetserve.gateway.app import create_app
 from fleetserve.gateway.config import GatewayConfig
 from fleetserve.gateway.gateway import Gateway
@@ -441,6 +448,44 @@ def test_failover_when_the_local_replicas_are_gone(pair):
     wait_until(lambda: httpx.get(f"{a.url}/health").json()["status"] != "ok", what="probe")
     health = httpx.get(f"{a.url}/health")
     assert health.status_code == 200 and health.json()["status"] == "failing over to peer regions"
+
+
+def test_a_failed_over_request_is_admitted_and_counted_once(pair):
+    """A's replica looks up but answers 503 to every request; a key allowed one request at
+    a time streams through B after A's replica failed it. While that stream runs, the
+    key's slot is still taken at A (the local attempt used to give it back before the
+    failover: every further request of the key went through too), and when it ends A
+    counts it once, as a 200 (it was a 503 and a 200)."""
+    a, b = pair
+    limited = hashlib.sha256(b"limited-key").digest()
+    a.gw.api_keys = with_operator_key(
+        ApiKeyStore([(limited, ApiKey("limited", KeyLimits(max_concurrent=1)))]), OPERATOR_KEY
+    )
+    key = a.gw.api_keys.lookup("limited-key")
+    # B's stream lasts a few seconds; A's replica fails what it is sent (not its probes)
+    httpx.post(f"{b.servers[0].url}/fake/control", json={"token_delay_s": 0.05}).raise_for_status()
+    httpx.post(
+        f"{a.servers[0].url}/fake/control", json={"fail_status": 503, "fail_count": 1000}
+    ).raise_for_status()
+    headers = _bearer("limited-key")
+    body = {**BODY, "max_tokens": 60, "stream": True}
+    with httpx.stream("POST", f"{a.url}/v1/completions", json=body, headers=headers,
+                      timeout=30) as stream:  # fmt: skip
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert served(a) >= 1  # A was tried first, and failed it
+        assert a.front.call(lambda: a.gw.admission.concurrent(key)) == 1
+        second = httpx.post(f"{a.url}/v1/completions", json=BODY, headers=headers, timeout=30)
+        assert second.status_code == 429, second.text
+        for _ in lines:
+            pass
+    wait_until(lambda: a.front.call(lambda: a.gw.admission.concurrent(key)) == 0, 10,
+               what="the slot given back at the stream's end")  # fmt: skip
+    endpoint = "/v1/completions"
+    assert a.metric("fleetserve:gateway_requests_total", endpoint=endpoint, status="200") == 1
+    assert a.metric("fleetserve:gateway_requests_total", endpoint=endpoint, status="503") == 0
+    assert a.metric("fleetserve:gateway_requests_total", endpoint=endpoint, status="502") == 0
 
 
 def test_local_policy_never_leaves_the_region():

@@ -16,8 +16,11 @@ from fleetserve.attention.base import AttentionBackend, AttentionMetadata
 class TorchAttention(AttentionBackend):
     name = "torch"
     # Decode sizes its gather from max(seq_lens), which a graph fixes at the block table's
-    # capacity, and masks with seq_lens_tensor: exact, though it reads the whole table.
-    supports_cuda_graphs = True
+    # capacity: exact under a graph (it masks with seq_lens_tensor), but every step would
+    # gather K and V for the whole max_model_len of every row (an 8B model at 128k
+    # positions: tens of GiB at batch 256, and slower than eager). The engine does not
+    # capture it; tests drive DecodeGraphs with it directly, as the reference.
+    supports_cuda_graphs = False
 
     @staticmethod
     def kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim) -> tuple[int, ...]:

@@ -39,6 +39,15 @@ class RequestContext:
     spilled_from: str | None = None  # the peer region that sent it here (served here)
     # Why the local replicas could not serve it before its first byte (a peer may, then).
     local_failure: Exception | None = None
+    # A peer region would take it after such a failure: the local attempt then leaves the
+    # key's admission and the request's metrics to whoever ends it (the failover or the
+    # caller), so that it is admitted and counted once.
+    may_fail_over: bool = False
+
+    @property
+    def handed_over(self) -> bool:
+        """The local attempt failed in a way a peer region may mend (see `may_fail_over`)."""
+        return self.may_fail_over and self.local_failure is not None
 
     def __post_init__(self) -> None:
         # The priority is the key's, never the client's (see `body_for`).

@@ -353,9 +353,11 @@ class Gateway:
         self.notify_changed()
 
     def _hand_over_if_dark(self) -> None:
-        """No replica here accepts work and none is starting, but a peer region is healthy:
-        the queued requests fail now (`NoReplica`), so that they go to the peer instead of
-        waiting out their deadlines for a replica that is not coming."""
+        """No replica here is up (ready and not down) and the autoscaler expects no cold
+        start, but a peer region is healthy: the queued requests fail now (`NoReplica`), so
+        that they go to the peer instead of waiting out their deadlines. A replica that its
+        supervisor is restarting after a crash counts as dark here: its model load takes
+        far longer than a peer's round trip."""
         if not len(self.queue) or not self.can_fail_over(None):
             return
         if self.dispatcher.cold_start_s is not None or self.any_accepting():
@@ -459,6 +461,14 @@ class Gateway:
     def request_started(self, ctx: RequestContext) -> None:
         """An admitted request is in flight (it counts towards the retry budget)."""
         self.retry_budget.request_started()
+
+    def account(self, ctx: RequestContext, status: str, used: int | None) -> None:
+        """A request ended with `status`: its key's admission is released (charged `used`
+        tokens; None: the charge stands) and it is counted, once."""
+        now = self.clock()
+        self.admission.release(ctx.key, ctx.charged_tokens, used, now)
+        self.metrics.e2e.observe(now - ctx.arrival)
+        self.metrics.requests.labels(ctx.endpoint, status).inc()
 
     def request_ended(self, ctx: RequestContext) -> None:
         if ctx.retry_in_flight:

@@ -39,7 +39,7 @@ from fleetserve.gateway.replica import Replica
 from fleetserve.gateway.request_body import BodyShape, InvalidBody, charged_tokens, check_body
 from fleetserve.gateway.route_request import RouteRequest
 from fleetserve.gateway.spill import spill
-from fleetserve.gateway.stream import StreamSession, failure_status
+from fleetserve.gateway.stream import StreamSession, failure_status, local_failure
 from fleetserve.gateway.upstream import UpstreamError, post_json, send_raw
 from fleetserve.http.disconnect import ClientDisconnected, unless_disconnected
 from fleetserve.http.errors import error_body
@@ -275,6 +275,7 @@ async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bo
         charged_tokens=charge,
         spilled_from=origin,
     )
+    tried: set[str] = set()  # peer regions that failed it before its first byte
     if gw.regions is not None:
         choice = gw.regions.choose(route, origin, now)
         gw.metrics.region_decisions.labels(choice.reason).inc()
@@ -283,16 +284,21 @@ async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bo
             answer = await spill(gw, ctx, request, peer, choice.reason)
             if answer is not None:
                 return answer
+            tried.add(peer.name)
+    ctx.may_fail_over = gw.can_fail_over(origin)
     answer = await _serve_here(gw, ctx, request)
-    if ctx.local_failure is not None and gw.can_fail_over(origin):
-        # The local replicas failed it before its first byte: the nearest healthy region.
-        choice = gw.regions.choose(route, None, gw.clock(), local_failed=True)
+    if ctx.handed_over:
+        # The local replicas failed it before its first byte: the nearest healthy region
+        # that has not failed it already. The key's admission is still held (the local
+        # attempt left it and the counting to this step), so it is not admitted twice.
+        choice = gw.regions.choose(route, None, gw.clock(), local_failed=True, exclude=tried)
         if choice.leaves:
             gw.metrics.region_decisions.labels(choice.reason).inc()
             peer = gw.regions.peers[choice.region]
-            spilled = await spill(gw, ctx, request, peer, choice.reason, admitted=False)
+            spilled = await spill(gw, ctx, request, peer, choice.reason)
             if spilled is not None:
                 return spilled
+        gw.account(ctx, str(answer.status_code), 0)  # nobody took it: the client got nothing
     return answer
 
 
@@ -350,8 +356,7 @@ async def _stream(gw: Gateway, ctx: RequestContext, request: Request) -> Respons
         gw.metrics.disconnects.inc()
         return Response(status_code=499)
     except (Shed, NoReplica, DeadlineExceeded, UpstreamError) as exc:
-        gw.request_ended(ctx)
-        ctx.local_failure = _local_failure(exc)
+        gw.request_ended(ctx)  # (the session set ctx.local_failure)
         return _failure_response(gw, ctx, exc)
     except BaseException:
         gw.request_ended(ctx)
@@ -367,16 +372,6 @@ async def _stream(gw: Gateway, ctx: RequestContext, request: Request) -> Respons
         media_type="text/event-stream",
         headers={"X-Request-Id": ctx.request_id, "Cache-Control": "no-cache"},
     )
-
-
-def _local_failure(exc: Exception) -> Exception | None:
-    """`exc` if another region might serve what the local replicas did not: none accepted
-    work, or they failed (not the request's own error, not a deadline, not load shedding)."""
-    if isinstance(exc, NoReplica):
-        return exc
-    if isinstance(exc, UpstreamError) and exc.replica_failed:
-        return exc
-    return None
 
 
 def _failure_response(
@@ -487,15 +482,13 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
     except (Shed, NoReplica, DeadlineExceeded, UpstreamError) as exc:
         status = failure_status(exc)
         used = 0  # the client received nothing: its key is not charged for it
-        ctx.local_failure = _local_failure(exc)
+        ctx.local_failure = local_failure(exc)
         return _failure_response(gw, ctx, exc)
     finally:
         if replica is not None:
             gw.release(replica, Outcome.NEUTRAL, None, ctx.route.request_id)
-        now = gw.clock()
-        gw.admission.release(ctx.key, ctx.charged_tokens, used, now)
-        gw.metrics.e2e.observe(now - ctx.arrival)
-        gw.metrics.requests.labels(ctx.endpoint, status).inc()
+        if not ctx.handed_over:
+            gw.account(ctx, status, used)
 
 
 # Headers of a forwarded request that describe its body (the KServe v2 binary extension

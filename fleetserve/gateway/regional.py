@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 
 from fleetserve.gateway.dispatcher import Dispatcher
 from fleetserve.gateway.peers import Peer, RegionReport
@@ -87,13 +88,19 @@ class Regions:
         spilled_from: str | None,
         now: float,
         local_failed: bool = False,
+        exclude: Collection[str] = (),
     ) -> RegionChoice:
         """Where `request` goes. `local_failed`: the local replicas failed it before its
-        first byte, so the local region counts as unable to serve (the policy's failover)."""
+        first byte, so the local region counts as unable to serve (the policy's failover).
+        `exclude`: peers that already failed it, which count as unable to serve too."""
         local = self.local_view(request, now)
         if local_failed:
             local = dataclasses.replace(local, healthy=False)
-        peers = [p.view(request) for p in self.peers.values()]
+        peers = [
+            dataclasses.replace(p.view(request), healthy=False) if name in exclude
+            else p.view(request)
+            for name, p in self.peers.items()
+        ]  # fmt: skip
         asked = RegionRequest(request.num_prompt_tokens, spilled_from)
         choice = self.policy.choose(asked, local, peers, now)
         if not choice.leaves and not local_failed:

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 # A peer's answers that are the request's own fault: passed on, not served locally again.
 REQUEST_ERRORS = frozenset({400, 404, 413, 422})
+MAX_ERROR_BYTES = 64 * 1024  # a refusal's body; a longer one is replaced by this gateway's
 PASSED_BACK = ("content-type", "retry-after")
 
 
@@ -66,11 +67,9 @@ async def spill(
     request: Request,
     peer: Peer,
     reason: str,
-    admitted: bool = True,
 ) -> Response | None:
     """Serve `ctx` through `peer`; None when the peer failed before the first byte (serve it
-    locally). `admitted`: the request holds its key's admission (released here when the
-    peer answers); False when a failed local attempt released it already."""
+    locally). The request holds its key's admission: released here when the peer answers."""
     content = json.dumps(ctx.body).encode()
     headers = _headers(gw, ctx, reason)
     url = f"{peer.url}{ctx.endpoint}"
@@ -102,16 +101,16 @@ async def spill(
         if upstream is not None:
             await upstream.aclose()
         peer.done()
-        _end(gw, ctx, "499", admitted, used=0)
+        gw.account(ctx, "499", 0)
         gw.metrics.disconnects.inc()
         return Response(status_code=499)
     passed = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_BACK}
     passed["X-Request-Id"] = ctx.request_id
     if not ctx.stream or status != 200:
-        body = await upstream.aread() if ctx.stream else upstream.content
+        body = await _refusal_body(upstream, peer, timeout) if ctx.stream else upstream.content
         await upstream.aclose()
         peer.done()
-        _end(gw, ctx, str(status), admitted, used=_usage_tokens(body) if status == 200 else 0)
+        gw.account(ctx, str(status), _usage_tokens(body) if status == 200 else 0)
         return Response(body, status, headers=passed)
     gw.metrics.ttft.observe(gw.clock() - ctx.arrival)
     closed = False
@@ -123,7 +122,7 @@ async def spill(
             yield first
             while True:
                 try:
-                    async with asyncio.timeout(gw.config.first_chunk_timeout_s):
+                    async with asyncio.timeout(gw.config.stall_timeout_s):
                         chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
@@ -143,11 +142,11 @@ async def spill(
         finally:
             with anyio.CancelScope(shield=True):
                 closed = True
-                await _close_stream(gw, ctx, peer, upstream, status, admitted)
+                await _close_stream(gw, ctx, peer, upstream, status)
 
     async def on_close() -> None:
         if not closed:  # the client left before the body started
-            await _close_stream(gw, ctx, peer, upstream, "499", admitted)
+            await _close_stream(gw, ctx, peer, upstream, "499")
 
     return ClosingStreamingResponse(
         body(), on_close=on_close, media_type="text/event-stream", headers=passed
@@ -160,11 +159,10 @@ async def _close_stream(
     peer: Peer,
     upstream: httpx.Response,
     status: str,
-    admitted: bool,
 ) -> None:
     await upstream.aclose()
     peer.done()
-    _end(gw, ctx, status, admitted, used=None)
+    gw.account(ctx, status, None)
 
 
 async def _fall_back(
@@ -184,12 +182,22 @@ async def _fall_back(
     return None
 
 
-def _end(gw: Gateway, ctx: RequestContext, status: str, admitted: bool, used: int | None) -> None:
-    now = gw.clock()
-    if admitted:
-        gw.admission.release(ctx.key, ctx.charged_tokens, used, now)
-    gw.metrics.e2e.observe(now - ctx.arrival)
-    gw.metrics.requests.labels(ctx.endpoint, status).inc()
+async def _refusal_body(upstream: httpx.Response, peer: Peer, timeout: float) -> bytes:
+    """The body of a peer's refusal of a stream (400, 404, 413, 422), read within
+    `timeout` and up to MAX_ERROR_BYTES; past either, this gateway's own error body."""
+    data = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in upstream.aiter_raw():
+                data += chunk
+                if len(data) > MAX_ERROR_BYTES:
+                    break
+        if len(data) <= MAX_ERROR_BYTES:
+            return bytes(data)
+    except (TimeoutError, httpx.HTTPError):
+        pass
+    message = f"region {peer.name} refused the request ({upstream.status_code})"
+    return json.dumps(error_body(message, "invalid_request_error")).encode()
 
 
 def _usage_tokens(body: bytes) -> int | None:

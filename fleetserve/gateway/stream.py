@@ -99,6 +99,7 @@ class StreamSession:
                         fail_over=self.gw.can_fail_over(self.ctx.spilled_from),
                     )
         except BaseException as exc:
+            self.ctx.local_failure = local_failure(exc)
             with anyio.CancelScope(shield=True):
                 await self._close(ok=False, status=failure_status(exc))
             raise
@@ -302,23 +303,33 @@ class StreamSession:
         if self.replica is not None:
             await self._detach(Outcome.SUCCESS if ok else Outcome.NEUTRAL)
         now = self.gw.clock()
+        tokens = max((len(g) for g in self.state.generated.values()), default=0)
+        if ok and self.first_token_at is not None and tokens > 1:
+            self.gw.recent_itl.observe(now, (now - self.first_token_at) / (tokens - 1))
+        if status is not None and self.ctx.handed_over:
+            return  # a peer region may serve it: its failover ends the accounting
         used = None
         if status is not None:
             used = 0  # the stream never started: the client received nothing
         elif self.state.prompt_ids is not None:
             used = len(self.state.prompt_ids) + sum(len(g) for g in self.state.generated.values())
-        self.gw.admission.release(self.ctx.key, self.ctx.charged_tokens, used, now)
-        self.gw.metrics.e2e.observe(now - self.ctx.arrival)
-        tokens = max((len(g) for g in self.state.generated.values()), default=0)
-        if ok and self.first_token_at is not None and tokens > 1:
-            self.gw.recent_itl.observe(now, (now - self.first_token_at) / (tokens - 1))
-        self.gw.metrics.requests.labels(self.ctx.endpoint, self.status).inc()
+        self.gw.account(self.ctx, self.status, used)
 
 
 def _evicted(replica: Replica) -> UpstreamError:
     exc = UpstreamError(f"replica {replica.id} is scaled down past its drain deadline")
     exc.reason = "drain"  # the migrations metric's label
     return exc
+
+
+def local_failure(exc: BaseException) -> Exception | None:
+    """`exc` if another region might serve what the local replicas did not: none accepted
+    work, or they failed (not the request's own error, not a deadline, not load shedding)."""
+    if isinstance(exc, NoReplica):
+        return exc
+    if isinstance(exc, UpstreamError) and exc.replica_failed:
+        return exc
+    return None
 
 
 def failure_status(exc: BaseException) -> str:

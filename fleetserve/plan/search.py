@@ -262,10 +262,13 @@ class Planner:
                 break
             bumped = {
                 n: tuple(
-                    s + 1 if h in last.missed_hours.get(n, ()) else s for h, s in enumerate(sizes)
+                    min(s + 1, self.max_replicas) if h in last.missed_hours.get(n, ()) else s
+                    for h, s in enumerate(sizes)
                 )
                 for n, sizes in last.sizes.items()
             }
+            if bumped == last.sizes:
+                break  # every missed hour is at --max-replicas already
             checked.append(self.check_day(f"hourly+{len(checked)}", bumped))
         base = checked[-1]
         shared = {n: _peaks_minus_one(s) for n, s in base.sizes.items()}

@@ -36,6 +36,10 @@ def slo_quantile(results: list[RequestResult], metric: str, q: float) -> float:
 
 
 def meets_slo(results: list[RequestResult], slo: PlanSLO) -> bool:
+    """Whether `results` meet every objective; no requests at all (a region or a window
+    without users) miss none."""
+    if not results:
+        return True
     return all(slo_quantile(results, metric, q) <= limit_s for metric, q, limit_s in slo.objectives)
 
 
