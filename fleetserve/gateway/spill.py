@@ -1,6 +1,6 @@
-"""A request sent to a peer region's gateway: the client's request, its bytes passed through
-both ways (a stream stays a stream), with the peer key and a header naming this region so
-that the peer serves it itself (it is never spilled again).
+"""A request sent to a peer region's gateway: the client's JSON body as this gateway read it,
+the peer's answer passed back as it comes (a stream stays a stream), with the peer key and a
+header naming this region so that the peer serves it itself (it is never spilled again).
 
 Nothing is lost to a peer that fails before the first byte (no answer, a refusal for load,
 an error status, a stream that ends before its first chunk): `spill` returns None and the
