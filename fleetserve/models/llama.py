@@ -163,12 +163,16 @@ class LlamaForCausalLM(nn.Module):
         Writes this step's K/V into ``ctx.kv_caches``; reads nothing else from outside."""
         return self.model(input_ids, positions, ctx)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (n, hidden_size) -> (n, vocab_size) float32. An ``lm_head`` may be any
-        module that maps hidden states to logits (``pack_linears`` gives a tied model one)."""
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """hidden: (n, hidden_size) -> (n, vocab_size), float32 (or, with ``float32=False``,
+        the model's dtype: the sampler widens only where it needs to). An ``lm_head`` may be
+        any module that maps hidden states to logits (``pack_linears`` gives a tied model
+        one)."""
         if self.lm_head is None:
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
