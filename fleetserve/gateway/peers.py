@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from fleetserve.gateway.prefix_index import leading_blocks
 from fleetserve.gateway.regional_config import PeerConfig, RegionsConfig, check_region_name
 from fleetserve.gateway.route_request import RouteRequest
 from fleetserve.regions.policy import RegionView
@@ -147,12 +148,7 @@ class SentPrefixes:
 
     def match_prefix(self, block_hashes: Sequence[int]) -> int:
         """Leading blocks of the chain sent there before. Read-only."""
-        n = 0
-        for h in block_hashes:
-            if h not in self._blocks:
-                break
-            n += 1
-        return n
+        return leading_blocks(block_hashes, self._blocks)
 
 
 class Peer:

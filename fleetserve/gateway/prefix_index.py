@@ -8,7 +8,7 @@ longest cached prefix of a prompt is a lookup, not a guess.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 
 class PrefixIndex:
@@ -42,12 +42,18 @@ class PrefixIndex:
 
     def match_prefix(self, block_hashes: Sequence[int]) -> int:
         """Number of leading blocks of a prompt's hash chain that are cached. Read-only."""
-        n = 0
-        for h in block_hashes:
-            if h not in self._blocks:
-                break
-            n += 1
-        return n
+        return leading_blocks(block_hashes, self._blocks)
+
+
+def leading_blocks(block_hashes: Sequence[int], held: Container[int]) -> int:
+    """How many leading hashes of a chain `held` has: a block counts only after its
+    predecessors (a chained hash names the whole prefix up to it)."""
+    n = 0
+    for h in block_hashes:
+        if h not in held:
+            break
+        n += 1
+    return n
 
 
 class PrefixView:
