@@ -8,8 +8,10 @@ import json
 import pytest
 import yaml
 
+from fleetserve.bench.result import RequestResult
 from fleetserve.cli import main
 from fleetserve.perf.cost_model import CostModel
+from fleetserve.sim.regional_report import PlanSLO, meets_slo
 
 COSTS = CostModel(
     {"base": 0.02, "tokens": 1e-4, "sampled": 1e-3, "context_tokens": 1e-6},
@@ -110,3 +112,15 @@ def test_simulate_prices_without_regions_is_a_usage_error(tmp_path, capsys):
         main([*argv, str(tmp_path / "p.yaml")])
     assert exc.value.code == 2
     assert "need --regions" in capsys.readouterr().err
+
+
+def test_a_window_without_requests_meets_the_slos_and_one_late_request_does_not():
+    """A region with no users (or a sizing window no request fell in) misses no objective:
+    it counted as infinitely late, so a region without traffic forced repairs and a plan
+    could end with none."""
+    slo = PlanSLO(objectives=(("ttft_s", 0.99, 0.5),))
+    assert meets_slo([], slo)
+    late = RequestResult(index=0, session=0, turn=0, input_len=8, output_len=4, scheduled_s=0.0)
+    late.start_s, late.end_s, late.chunk_times_s = 0.0, 2.0, [1.0, 2.0]
+    late.prompt_tokens, late.completion_tokens = 8, 2
+    assert not meets_slo([late], slo)
