@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from fleetserve.gateway.api_keys import ANONYMOUS, ApiKey
 from fleetserve.gateway.context import RawRequest, RequestContext
 from fleetserve.gateway.gateway import DeadlineExceeded, Gateway, NoReplica, Outcome, Shed
+from fleetserve.gateway.peers import Peer
 from fleetserve.gateway.priority import DEFAULT_PRIORITY, PRIORITY_CLASSES
 from fleetserve.gateway.regional_config import (
     PRIORITY_HEADER,
@@ -281,7 +282,7 @@ async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bo
         gw.metrics.region_decisions.labels(choice.reason).inc()
         if choice.leaves:
             peer = gw.regions.peers[choice.region]
-            answer = await spill(gw, ctx, request, peer, choice.reason)
+            answer = await _spill(gw, ctx, request, peer, choice.reason)
             if answer is not None:
                 return answer
             tried.add(peer.name)
@@ -295,11 +296,23 @@ async def handle_generate(gw: Gateway, request: Request, endpoint: str, chat: bo
         if choice.leaves:
             gw.metrics.region_decisions.labels(choice.reason).inc()
             peer = gw.regions.peers[choice.region]
-            spilled = await spill(gw, ctx, request, peer, choice.reason)
+            spilled = await _spill(gw, ctx, request, peer, choice.reason)
             if spilled is not None:
                 return spilled
         gw.account(ctx, str(answer.status_code), 0)  # nobody took it: the client got nothing
     return answer
+
+
+async def _spill(
+    gw: Gateway, ctx: RequestContext, request: Request, peer: Peer, reason: str
+) -> Response | None:
+    """`spill`, and if it is interrupted (the handler cancelled), the request's end: its
+    key's admission is not left held."""
+    try:
+        return await spill(gw, ctx, request, peer, reason)
+    except BaseException:
+        gw.account(ctx, "499", 0)
+        raise
 
 
 async def _serve_here(gw: Gateway, ctx: RequestContext, request: Request) -> Response:
