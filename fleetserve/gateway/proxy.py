@@ -39,7 +39,7 @@ from fleetserve.gateway.regional_config import (
 from fleetserve.gateway.replica import Replica
 from fleetserve.gateway.request_body import BodyShape, InvalidBody, charged_tokens, check_body
 from fleetserve.gateway.route_request import RouteRequest
-from fleetserve.gateway.spill import spill
+from fleetserve.gateway.spill import spill, usage_tokens
 from fleetserve.gateway.stream import StreamSession, failure_status, local_failure
 from fleetserve.gateway.upstream import UpstreamError, post_json, send_raw
 from fleetserve.http.disconnect import ClientDisconnected, unless_disconnected
@@ -475,9 +475,7 @@ async def _unary(gw: Gateway, ctx: RequestContext, request: Request) -> Response
             gw.release(replica, outcome, gw.clock() - started, ctx.route.request_id)
             replica = None
             status = str(resp.status_code)
-            # a large answer (many choices, echoed logprobs) is parsed off the event loop
-            big = len(resp.content) > 2**20
-            used = await asyncio.to_thread(_usage_tokens, resp) if big else _usage_tokens(resp)
+            used = await usage_tokens(resp.content)
             if used is None and resp.status_code != 200:
                 used = 0  # the replica refused it: nothing was generated
             headers = {"X-Request-Id": ctx.request_id}
@@ -570,11 +568,3 @@ async def handle_passthrough(
         return await _unary(gw, ctx, request)
     finally:
         gw.request_ended(ctx)
-
-
-def _usage_tokens(resp) -> int | None:
-    try:
-        usage = resp.json().get("usage") or {}
-        return int(usage["total_tokens"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None

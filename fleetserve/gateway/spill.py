@@ -110,7 +110,7 @@ async def spill(
         body = await _refusal_body(upstream, peer, timeout) if ctx.stream else upstream.content
         await upstream.aclose()
         peer.done()
-        gw.account(ctx, str(status), _usage_tokens(body) if status == 200 else 0)
+        gw.account(ctx, str(status), await usage_tokens(body) if status == 200 else 0)
         return Response(body, status, headers=passed)
     gw.metrics.ttft.observe(gw.clock() - ctx.arrival)
     closed = False
@@ -205,3 +205,11 @@ def _usage_tokens(body: bytes) -> int | None:
         return int(json.loads(body)["usage"]["total_tokens"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+async def usage_tokens(body: bytes) -> int | None:
+    """`usage.total_tokens` of an answer's JSON body; None if it has none. A large body
+    (many choices, echoed logprobs) is parsed off the event loop."""
+    if len(body) > 2**20:
+        return await asyncio.to_thread(_usage_tokens, body)
+    return _usage_tokens(body)
